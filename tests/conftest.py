@@ -1,0 +1,51 @@
+"""Shared fixtures: an offline tokenizer and tiny random models of each architecture family."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.tiny import FAMILIES, build_tiny_model, build_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer(bos="<bos>", add_bos=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tokenizer):
+    """family -> a tiny random model in eval mode (float32)."""
+    return {family: build_tiny_model(family, len(tokenizer)) for family in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_loaded(tiny_models, tokenizer, family):
+    from mcr_exit.models import from_objects
+
+    return from_objects(tiny_models[family], tokenizer, name=f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_models, tokenizer):
+    """A tiny Llama saved as a local transformers folder (what a user passes as --model DIR)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_models["llama"].save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

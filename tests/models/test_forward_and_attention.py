@@ -1,0 +1,117 @@
+"""The hook path on tiny models of every family: hidden states, early exit, streamed attention statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcr_exit.metrics.attention import attention_head_stats
+from mcr_exit.models.attention_stats import collect_attention_stats
+from mcr_exit.models.forward import hidden_at, run_blocks
+from mcr_exit.models.tokens import collate
+
+PROMPTS = [
+    [2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20],
+    [2, 30, 31, 32, 33, 34, 35],
+    [2, 40, 41, 42, 43, 44, 45, 46, 47, 48],
+]
+
+
+def _batch(prompts=PROMPTS):
+    return collate(prompts, pad_id=0)
+
+
+def _collect(loaded, ids, mask):
+    hidden, attn = {}, {}
+    with collect_attention_stats(loaded.adapter, mask.sum(1), lambda j, s: attn.__setitem__(j, s)):
+        final = run_blocks(loaded.adapter, ids, mask, lambda i, h: hidden.__setitem__(i, h.clone()))
+    return hidden, attn, final
+
+
+def test_hidden_states_follow_the_index_convention(tiny_loaded):
+    ids, mask = _batch()
+    hidden, _, final = _collect(tiny_loaded, ids, mask)
+    L = tiny_loaded.n_layers
+    assert sorted(hidden) == list(range(L + 1))
+    with torch.no_grad():
+        ref = tiny_loaded.adapter.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    for i in range(L):  # transformers' hidden_states[i], i < L, are raw block outputs
+        torch.testing.assert_close(hidden[i], ref.hidden_states[i])
+    # hidden[L] is the raw last block output: the final norm of it is transformers' last hidden state
+    with torch.no_grad():
+        normed = tiny_loaded.adapter.ln_final(hidden[L])
+    torch.testing.assert_close(normed, ref.last_hidden_state)
+    torch.testing.assert_close(final, ref.last_hidden_state)
+    assert not torch.allclose(hidden[L], ref.last_hidden_state)
+
+
+def test_streamed_attention_statistics_equal_eager_output_attentions(tiny_loaded):
+    ids, mask = _batch()
+    _, attn, _ = _collect(tiny_loaded, ids, mask)
+    model = tiny_loaded.model
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            ref = tiny_loaded.adapter.backbone(input_ids=ids, attention_mask=mask, output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    assert model.config._attn_implementation == previous
+    lengths = mask.sum(1)
+    assert sorted(attn) == list(range(tiny_loaded.n_layers))
+    for j, probs in enumerate(ref.attentions):
+        want = attention_head_stats(probs.double(), lengths)
+        got = attn[j]
+        for key in ("sink_score", "mixing_score", "colsum_concentration", "diag_score"):
+            torch.testing.assert_close(getattr(got, key).double(), getattr(want, key), atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_statistics_do_not_change_the_model_output(tiny_loaded):
+    ids, mask = _batch()
+    _, _, final = _collect(tiny_loaded, ids, mask)
+    with torch.no_grad():
+        ref = tiny_loaded.adapter.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(final[real], ref[real], atol=1e-5, rtol=1e-4)
+
+
+def test_batched_equals_unbatched(tiny_loaded):
+    ids, mask = _batch()
+    hidden, attn, _ = _collect(tiny_loaded, ids, mask)
+    for b, prompt in enumerate(PROMPTS):
+        one_ids, one_mask = _batch([prompt])
+        h1, a1, _ = _collect(tiny_loaded, one_ids, one_mask)
+        n = len(prompt)
+        for i in h1:
+            torch.testing.assert_close(hidden[i][b, :n], h1[i][0], atol=1e-5, rtol=1e-4)
+        for j in a1:
+            torch.testing.assert_close(attn[j].sink_score[b], a1[j].sink_score[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(attn[j].mixing_score[b], a1[j].mixing_score[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_early_exit_runs_only_the_first_k_blocks(tiny_loaded, k):
+    ids, mask = _batch()
+    calls = []
+    handles = [
+        block.register_forward_hook(lambda m, a, o, j=j: calls.append(j))
+        for j, block in enumerate(tiny_loaded.adapter.blocks)
+    ]
+    try:
+        h = hidden_at(tiny_loaded.adapter, ids, mask, k)
+    finally:
+        for hd in handles:
+            hd.remove()
+    assert calls == list(range(k))  # blocks k.. never completed a forward
+    full, _, _ = _collect(tiny_loaded, ids, mask)
+    torch.testing.assert_close(h, full[k])
+
+
+def test_hooks_are_removed_after_the_pass(tiny_loaded):
+    ids, mask = _batch()
+    before = [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in tiny_loaded.adapter.blocks]
+    hidden_at(tiny_loaded.adapter, ids, mask, 1)
+    with pytest.raises(RuntimeError):  # an error inside a hook still removes every hook
+        run_blocks(tiny_loaded.adapter, ids, mask, lambda i, h: (_ for _ in ()).throw(RuntimeError("boom")))
+    after = [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in tiny_loaded.adapter.blocks]
+    assert after == before
