@@ -107,7 +107,11 @@ def load_model(
 ) -> LoadedModel:
     """Load model and tokenizer; ``model=None`` is the built-in SmolLM2-135M-Instruct GGUF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # Our own progress bar covers the prompts; the loaders' bars and warnings would bury error lines.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict = {"dtype": torch_dtype, "attn_implementation": attn_implementation}

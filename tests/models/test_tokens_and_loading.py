@@ -1,0 +1,89 @@
+"""BOS policies, right-padded batches, and model loading errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcr_exit.errors import ConfigError, DataError, ModelLoadError
+from mcr_exit.models import load_model
+from mcr_exit.models.tokens import collate, encode_prompts, length_batches, resolve_bos
+from tests.tiny import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def adding_tokenizer():
+    return build_tokenizer(bos="<bos>", add_bos=True)
+
+
+@pytest.fixture(scope="module")
+def no_bos_tokenizer():
+    return build_tokenizer(bos=None)
+
+
+def test_auto_prepends_a_declared_bos_the_tokenizer_does_not_add(tokenizer):
+    bos = resolve_bos(tokenizer, "auto")
+    assert bos.prepend and bos.token == "<bos>" and "does not add" in bos.reason
+    enc = encode_prompts(tokenizer, ["hello world", "the fox"], bos, 64)
+    assert all(ids[0] == tokenizer.bos_token_id for ids in enc.ids)
+    assert enc.position0 == {"<bos>": 2}
+
+
+def test_auto_keeps_a_tokenizer_that_adds_bos(adding_tokenizer):
+    bos = resolve_bos(adding_tokenizer, "auto")
+    assert not bos.prepend and "adds" in bos.reason
+    enc = encode_prompts(adding_tokenizer, ["hello world"], bos, 64)
+    assert enc.ids[0][0] == adding_tokenizer.bos_token_id and enc.ids[0][1] != adding_tokenizer.bos_token_id
+
+
+def test_no_declared_bos(no_bos_tokenizer):
+    bos = resolve_bos(no_bos_tokenizer, "auto")
+    assert bos.token is None and "no BOS" in bos.reason
+    with pytest.raises(ConfigError, match="declares no BOS"):
+        resolve_bos(no_bos_tokenizer, "force")
+
+
+def test_none_policy_and_truncation(tokenizer):
+    bos = resolve_bos(tokenizer, "none")
+    enc = encode_prompts(tokenizer, ["hello world " * 50], bos, 16)
+    assert enc.ids[0][0] != tokenizer.bos_token_id and len(enc.ids[0]) == 16 and enc.truncated == 1
+
+
+def test_prompts_all_empty_after_tokenization(tokenizer):
+    with pytest.raises(DataError, match="all 2 prompts are empty"):
+        encode_prompts(tokenizer, ["", ""], resolve_bos(tokenizer, "auto"), 64)
+    enc = encode_prompts(tokenizer, ["", "hi there"], resolve_bos(tokenizer, "auto"), 64)
+    assert enc.kept == [1] and enc.dropped_empty == 1
+
+
+def test_right_padding_and_length_batches():
+    ids, mask = collate([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    batches = length_batches([5, 100, 6, 99, 7], max_tokens=300, max_batch=8)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
+    assert all(max([5, 100, 6, 99, 7][i] for i in b) * len(b) <= 300 for b in batches)
+
+
+def test_local_folder_loads(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    assert loaded.spec.source == "folder" and loaded.n_layers == 3 and loaded.adapter.family == "llama"
+
+
+def test_loading_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model("./missing-model.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(ModelLoadError, match="corrupt GGUF"):
+        load_model(str(bad))
+    truncated = tmp_path / "trunc.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 16)
+    with pytest.raises(ModelLoadError, match="corrupt GGUF"):
+        load_model(str(truncated))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="not available"):
+            load_model(str(tmp_path / "nope"), device="cuda")
+    with pytest.raises(ConfigError, match="unknown device"):
+        load_model(None, device="tpu")
