@@ -5,17 +5,62 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import threading
+
 import numpy as np
 import torch
 
 from mcr_exit.metrics.attention import AttentionStats, summarize_heads
-from mcr_exit.metrics.spectral import spectral_stats
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from mcr_exit.metrics.spectral import SpectralStats, finish_spectral, gram_eigenvalues, spectral_stats, spectral_terms
 from mcr_exit.models.attention_stats import collect_attention_stats
 from mcr_exit.models.forward import run_blocks
 from mcr_exit.models.loading import LoadedModel
 from mcr_exit.models.tokens import collate, length_batches, pad_id_of
 
 HEAD_METRICS = ("sink_score", "mixing_score", "colsum_concentration", "diag_score")
+SPECTRAL_BACKENDS = ("device", "cpu-pool")
+
+
+class SpectralReducer:
+    """Turns each hidden state into SpectralStats, on its own device or in a CPU thread pool.
+
+    "device" computes the Gram matrix and its eigenvalues where the hidden state lives. "cpu-pool"
+    computes the Gram matrix on the device and its eigenvalues in CPU threads, overlapped with the
+    next layers of the forward pass (eigensolvers of 1k x 1k matrices are latency-bound on GPUs).
+    """
+
+    def __init__(self, backend: str = "device", dtype: torch.dtype = torch.float64, workers: int = 8):
+        if backend not in SPECTRAL_BACKENDS:
+            raise ValueError(f"unknown spectral backend '{backend}': use {', '.join(SPECTRAL_BACKENDS)}")
+        self.backend, self.dtype = backend, dtype
+        self.pool = ThreadPoolExecutor(workers) if backend == "cpu-pool" else None
+        self.pending: list[Future] = []
+
+    def submit(self, h: torch.Tensor, lengths: torch.Tensor, store: Callable[[SpectralStats], None]) -> None:
+        terms, gram = spectral_terms(h, lengths.to(h.device), compute_dtype=self.dtype)
+        if self.pool is None:
+            store(finish_spectral(terms, gram_eigenvalues(gram)))
+            return
+        terms = {k: v.cpu() for k, v in terms.items()}
+        gram = gram.cpu().numpy()
+
+        def work():
+            eig = torch.from_numpy(np.linalg.eigvalsh(gram)[..., ::-1].clip(min=0).copy())
+            store(finish_spectral(terms, eig))
+
+        self.pending.append(self.pool.submit(work))
+
+    def drain(self) -> None:
+        for f in self.pending:
+            f.result()
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.drain()
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 @dataclass(kw_only=True)
@@ -35,14 +80,42 @@ class LayerStatistics:
         return len(self.lengths)
 
 
-def _store(target: dict[str, np.ndarray], key: str, shape: tuple, rows: list[int], col, values: torch.Tensor):
-    if key not in target:
-        target[key] = np.full(shape, np.nan, dtype=np.float64 if len(shape) < 3 else np.float32)
-    arr = values.detach().double().cpu().numpy()
-    if col is None:
-        target[key][rows] = arr
-    else:
-        target[key][rows, col] = arr
+class _BatchBuffer:
+    """Holds one batch's statistics on their device and moves them to the host in one copy.
+
+    One transfer per batch instead of one per (metric, layer) keeps the GPU from waiting on the host.
+    """
+
+    def __init__(self):
+        self.items: list[tuple[dict, str, tuple, object, torch.Tensor]] = []
+        self.lock = threading.Lock()
+
+    def add(self, target: dict, key: str, shape: tuple, col, values: torch.Tensor) -> None:
+        with self.lock:
+            self.items.append((target, key, shape, col, values.detach()))
+
+    def flush(self, rows: list[int]) -> None:
+        if not self.items:
+            return
+        by_device: dict[torch.device, list[int]] = {}
+        for n, item in enumerate(self.items):
+            by_device.setdefault(item[4].device, []).append(n)
+        host: dict[int, np.ndarray] = {}
+        for device, idx in by_device.items():
+            flat = torch.cat([self.items[n][4].reshape(-1).to(torch.float64) for n in idx]).cpu().numpy()
+            offset = 0
+            for n in idx:
+                size = self.items[n][4].numel()
+                host[n] = flat[offset : offset + size].reshape(self.items[n][4].shape)
+                offset += size
+        for n, (target, key, shape, col, _) in enumerate(self.items):
+            if key not in target:
+                target[key] = np.full(shape, np.nan, dtype=np.float64 if len(shape) < 3 else np.float32)
+            if col is None:
+                target[key][rows] = host[n]
+            else:
+                target[key][rows, col] = host[n]
+        self.items.clear()
 
 
 def collect_statistics(
@@ -53,6 +126,8 @@ def collect_statistics(
     max_batch: int = 8,
     max_tokens: int = 8192,
     spectral_dtype: torch.dtype = torch.float64,
+    spectral_backend: str = "device",
+    attention_method: str = "auto",
     progress: Callable[[int], None] | None = None,
 ) -> LayerStatistics:
     """Per-prompt statistics of every hidden state (0..L) and every attention block (0..L-1).
@@ -67,30 +142,38 @@ def collect_statistics(
     stats = LayerStatistics(n_layers=L, n_heads=n_heads, lengths=np.array([len(x) for x in ids]))
     pad = pad_id_of(loaded.tokenizer)
     device = loaded.input_device
+    reducer = SpectralReducer(spectral_backend, spectral_dtype)
+    buffer = _BatchBuffer()
     for batch in length_batches([len(x) for x in ids], max_tokens, max_batch):
         input_ids, mask = collate([ids[i] for i in batch], pad, device)
         lengths = mask.sum(1)
 
         def on_hidden(i: int, h: torch.Tensor) -> None:
-            s = spectral_stats(h, lengths.to(h.device), compute_dtype=spectral_dtype)
-            for key, val in s.as_dict().items():
-                _store(stats.hidden, key, (N, L + 1), batch, i, val)
+            def store(s: SpectralStats) -> None:
+                for key, val in s.as_dict().items():
+                    buffer.add(stats.hidden, key, (N, L + 1), i, val)
+
+            reducer.submit(h, lengths, store)
 
         def on_attention(j: int, a: AttentionStats) -> None:
             for key, val in summarize_heads(a, tau).items():
-                _store(stats.attention, key, (N, L), batch, j, val)
+                buffer.add(stats.attention, key, (N, L), j, val)
             H = a.sink_score.shape[1]
             for key in HEAD_METRICS:
-                _store(stats.heads, key, (N, L, H), batch, j, getattr(a, key))
+                buffer.add(stats.heads, key, (N, L, H), j, getattr(a, key))
 
-        with collect_attention_stats(adapter, lengths, on_attention):
+        with collect_attention_stats(adapter, lengths, on_attention, method=attention_method):
             final = run_blocks(adapter, input_ids, mask, on_hidden)
         if final is not None:
             s = spectral_stats(final, lengths.to(final.device), compute_dtype=spectral_dtype)
             for key in ("entropy", "entropy_norm", "anisotropy", "bos_norm", "other_norm", "norm_ratio"):
-                _store(stats.final_normed, key, (N,), batch, None, getattr(s, key))
+                buffer.add(stats.final_normed, key, (N,), None, getattr(s, key))
+        if reducer.pool is not None:
+            reducer.drain()
+        buffer.flush(batch)
         if progress is not None:
             progress(len(batch))
+    reducer.close()
     if stats.heads:
         stats.n_heads = next(iter(stats.heads.values())).shape[2]
     return stats

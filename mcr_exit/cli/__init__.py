@@ -13,6 +13,15 @@ from mcr_exit.errors import McrExitError
 # (module, click command attribute): one line per command; heavy imports stay inside each command.
 COMMANDS = (
     ("mcr_exit.cli.analyze", "analyze_command"),
+    ("mcr_exit.cli.lens", "lens_command"),
+    ("mcr_exit.cli.probe", "probe_command"),
+    ("mcr_exit.cli.mteb_eval", "mteb_command"),
+    ("mcr_exit.cli.lmeval", "lmeval_command"),
+    ("mcr_exit.cli.choose_layer", "choose_layer_command"),
+    ("mcr_exit.cli.serve", "serve_command"),
+    ("mcr_exit.cli.ablate", "ablate_command"),
+    ("mcr_exit.cli.compare", "compare_command"),
+    ("mcr_exit.cli.compare", "sweep_command"),
 )
 
 

@@ -66,22 +66,13 @@ def _binary_entropy_bound(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return h + q * torch.log(torch.clamp(r - 1.0, min=1.0))
 
 
-def spectral_stats(
-    X: torch.Tensor,
-    lengths: torch.Tensor | None = None,
-    *,
-    compute_dtype: torch.dtype = torch.float64,
-) -> SpectralStats:
-    """Spectral statistics of each row of a right-padded batch.
+def spectral_terms(
+    X: torch.Tensor, lengths: torch.Tensor | None = None, *, compute_dtype: torch.dtype = torch.float64
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """First half of ``spectral_stats``: the cheap per-row terms and the smaller Gram matrix.
 
-    Args:
-        X: (B, T, d) or (T, d) hidden states; rows ``t >= lengths[b]`` are padding and never
-            enter a metric. Position 0 of each row is its first real (BOS) token.
-        lengths: (B,) number of real tokens per row; defaults to T for every row.
-        compute_dtype: dtype of the Gram matrix and its eigenvalues (float64 by default).
-
-    Returns:
-        SpectralStats with (B,) tensors on X's device. Entropies in nats.
+    Returns (terms, gram) with gram (B, n, n), n = min(T, d); its eigenvalues are the sigma_j^2.
+    Splitting lets a caller run the eigenvalue step elsewhere (another thread, another device).
     """
     if X.dim() == 2:
         X = X.unsqueeze(0)
@@ -93,36 +84,44 @@ def spectral_stats(
     lengths = lengths.to(X.device)
     valid = torch.arange(T, device=X.device)[None, :] < lengths[:, None]  # (B, T)
     Xc = X.to(compute_dtype) * valid[..., None]
-
     row_sq = (Xc * Xc).sum(-1)  # (B, T)
     M = row_sq[:, 0]
     R = row_sq[:, 1:].sum(-1)
-    frob_sq = M + R
     n_other = (lengths - 1).clamp(min=0).to(compute_dtype)
-    bos_norm = M.sqrt()
     other_norm = torch.where(
         n_other > 0, row_sq[:, 1:].sqrt().sum(-1) / n_other.clamp(min=1), torch.full_like(M, float("nan"))
     )
-    norm_ratio = bos_norm / other_norm
-
     # alpha R = sum_{i != 0} <x_i, x_0>^2 / ||x_0||^2
     dots = torch.einsum("btd,bd->bt", Xc[:, 1:], Xc[:, 0])
     alpha_R = (dots * dots).sum(-1) / M.clamp(min=_EPS)
+    gram = Xc @ Xc.transpose(1, 2) if T <= d else Xc.transpose(1, 2) @ Xc
+    r = torch.minimum(lengths, torch.tensor(d, device=X.device)).to(compute_dtype)
+    terms = {"M": M, "R": R, "other_norm": other_norm, "alpha_R": alpha_R, "r": r}
+    return terms, gram
+
+
+def gram_eigenvalues(gram: torch.Tensor) -> torch.Tensor:
+    """sigma_j^2 in descending order, (B, n)."""
+    return torch.linalg.eigvalsh(gram).clamp(min=0).flip(-1)
+
+
+def finish_spectral(terms: dict[str, torch.Tensor], eig: torch.Tensor) -> SpectralStats:
+    """Second half of ``spectral_stats``: everything that needs the eigenvalues ``eig`` (B, n), descending."""
+    M, R, alpha_R, r = terms["M"], terms["R"], terms["alpha_R"], terms["r"]
+    eig = eig.to(M.device, M.dtype)
+    frob_sq = M + R
+    bos_norm = M.sqrt()
+    other_norm = terms["other_norm"]
     alpha = torch.where(R > 0, alpha_R / R.clamp(min=_EPS), torch.zeros_like(R))
     c = M / R.clamp(min=_EPS)
-
-    gram = Xc @ Xc.transpose(1, 2) if T <= d else Xc.transpose(1, 2) @ Xc
-    eig = torch.linalg.eigvalsh(gram).clamp(min=0).flip(-1)  # descending sigma^2
     total = eig.sum(-1, keepdim=True).clamp(min=_EPS)
     p = eig / total
     entropy = -torch.xlogy(p, p).sum(-1)
-    r = torch.minimum(lengths, torch.tensor(d, device=X.device)).to(compute_dtype)
     log_r = torch.log(r)
     entropy_norm = torch.where(r > 1, entropy / log_r.clamp(min=_EPS), torch.zeros_like(entropy))
     sigma = [eig[:, j] if eig.shape[1] > j else torch.zeros_like(M) for j in range(3)]
     tail = (frob_sq - sigma[0]).clamp(min=0)
     dominance = sigma[0] / tail.clamp(min=_EPS)
-
     p_bound = (c + alpha) / (c + 1.0)
     p_weak = c / (c + 1.0)
     one_minus_alpha = 1.0 - alpha
@@ -132,7 +131,7 @@ def spectral_stats(
     return SpectralStats(
         bos_norm=bos_norm,
         other_norm=other_norm,
-        norm_ratio=norm_ratio,
+        norm_ratio=bos_norm / other_norm,
         frob_sq=frob_sq,
         sigma1_sq=sigma[0],
         sigma2_sq=sigma[1],
@@ -154,3 +153,24 @@ def spectral_stats(
         entropy_bound=_binary_entropy_bound(p_bound, r),
         entropy_bound_weak=_binary_entropy_bound(p_weak, r),
     )
+
+
+def spectral_stats(
+    X: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+) -> SpectralStats:
+    """Spectral statistics of each row of a right-padded batch.
+
+    Args:
+        X: (B, T, d) or (T, d) hidden states; rows ``t >= lengths[b]`` are padding and never
+            enter a metric. Position 0 of each row is its first real (BOS) token.
+        lengths: (B,) number of real tokens per row; defaults to T for every row.
+        compute_dtype: dtype of the Gram matrix and its eigenvalues (float64 by default).
+
+    Returns:
+        SpectralStats with (B,) tensors on X's device. Entropies in nats.
+    """
+    terms, gram = spectral_terms(X, lengths, compute_dtype=compute_dtype)
+    return finish_spectral(terms, gram_eigenvalues(gram))

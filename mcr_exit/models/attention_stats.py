@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mcr_exit.metrics.attention import AttentionStats, HeadStatsAccumulator
 from mcr_exit.models.adapters import ArchitectureAdapter
+from mcr_exit.models.fused_attention import fused_attention_stats
 
 IMPLEMENTATION = "mcr_stats"
 # Bytes of float32 scores per chunk of query rows; bounds the transient memory of one attention call.
@@ -29,6 +30,9 @@ AttentionCallback = Callable[[int, AttentionStats], None]
 MapCallback = Callable[[int, torch.Tensor], None]
 
 
+METHODS = ("auto", "chunked", "fused")
+
+
 @dataclass
 class _Collector:
     index: dict[int, int]
@@ -36,6 +40,19 @@ class _Collector:
     on_stats: AttentionCallback
     capture: dict[int, list[int]] = field(default_factory=dict)  # block -> heads whose maps are kept
     on_map: MapCallback | None = None
+    method: str = "auto"
+
+
+def _use_fused(collector: _Collector, block: int, query, key, softcap, kwargs) -> bool:
+    """The fused path needs plain causal attention; maps for plots need the chunked path."""
+    if collector.method == "chunked" or block in collector.capture:
+        return False
+    plain = softcap is None and kwargs.get("sliding_window") is None and query.shape[2] == key.shape[2]
+    if collector.method == "fused":
+        if not plain:
+            raise ValueError("fused attention statistics need plain causal attention (no window, no softcap)")
+        return True
+    return plain and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
 
 
 _ACTIVE: contextvars.ContextVar[_Collector | None] = contextvars.ContextVar("mcr_exit_collector", default=None)
@@ -90,6 +107,10 @@ def stats_attention_forward(
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     scale = dh**-0.5 if scaling is None else scaling
+    if _use_fused(collector, block, query, key, softcap, kwargs):
+        out, stats = fused_attention_stats(query, key, value, scale, collector.lengths)
+        collector.on_stats(block, stats)
+        return out.transpose(1, 2).contiguous(), None
     out = torch.empty(B, H, T, value.shape[-1], dtype=value.dtype, device=value.device)
     acc = HeadStatsAccumulator(collector.lengths, H, Tk, device=query.device)
     rows = max(1, min(T, CHUNK_BYTES // max(1, B * H * Tk * 4)))
@@ -125,17 +146,22 @@ def collect_attention_stats(
     *,
     capture: dict[int, list[int]] | None = None,
     on_map: MapCallback | None = None,
+    method: str = "auto",
 ) -> Iterator[None]:
     """Within this context, each attention block j reports ``on_stats(j, AttentionStats)``.
 
     ``capture`` maps block index -> heads whose full maps are passed to ``on_map(j, maps (B, h, T, T))``
-    (for plots of a few representative heads only).
+    (for plots of a few representative heads only). ``method``: "chunked" (exact softmax in chunks of
+    query rows, any mask), "fused" (no T x T at all: ``fused_attention``; plain causal layers only), or
+    "auto" (fused on CUDA in half precision where the layer allows it, chunked elsewhere).
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown attention statistics method '{method}': use {', '.join(METHODS)}")
     model = adapter.model
     previous = model.config._attn_implementation
     if previous != IMPLEMENTATION:
         model.set_attn_implementation(IMPLEMENTATION)
-    token = _ACTIVE.set(_Collector(adapter.attention_index(), lengths, on_stats, capture or {}, on_map))
+    token = _ACTIVE.set(_Collector(adapter.attention_index(), lengths, on_stats, capture or {}, on_map, method))
     try:
         yield
     finally:

@@ -115,3 +115,38 @@ def test_hooks_are_removed_after_the_pass(tiny_loaded):
         run_blocks(tiny_loaded.adapter, ids, mask, lambda i, h: (_ for _ in ()).throw(RuntimeError("boom")))
     after = [(len(b._forward_hooks), len(b._forward_pre_hooks)) for b in tiny_loaded.adapter.blocks]
     assert after == before
+
+
+def test_fused_statistics_equal_the_chunked_softmax(tiny_models, tokenizer):
+    """The normalizer-based path (flash attention on GPUs) computes the same statistics."""
+    from mcr_exit.models import from_objects
+
+    for family in ("llama", "qwen2", "gpt_neox", "gpt2"):  # plain causal attention (gemma3 has windows)
+        loaded = from_objects(tiny_models[family], tokenizer)
+        ids, mask = _batch()
+        got = {}
+        for method in ("chunked", "fused"):
+            stats, hidden = {}, {}
+            with collect_attention_stats(loaded.adapter, mask.sum(1), lambda j, s: stats.__setitem__(j, s),
+                                         method=method):
+                run_blocks(loaded.adapter, ids, mask, lambda i, h: hidden.__setitem__(i, h.clone()))
+            got[method] = (stats, hidden)
+        for j in got["chunked"][0]:
+            for key in ("sink_score", "mixing_score", "colsum_concentration", "diag_score"):
+                torch.testing.assert_close(getattr(got["fused"][0][j], key), getattr(got["chunked"][0][j], key),
+                                           atol=2e-5, rtol=1e-4, msg=f"{family} block {j} {key}")
+        real = mask.bool()
+        for i in got["chunked"][1]:
+            torch.testing.assert_close(got["fused"][1][i][real], got["chunked"][1][i][real], atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_pool_spectral_backend_equals_device(tiny_loaded):
+    import numpy as np
+
+    from mcr_exit.analysis.collect import collect_statistics
+
+    ids = [p for p in PROMPTS]
+    a = collect_statistics(tiny_loaded, ids, spectral_backend="device")
+    b = collect_statistics(tiny_loaded, ids, spectral_backend="cpu-pool")
+    for key in ("entropy", "anisotropy", "norm_ratio", "entropy_bound"):
+        np.testing.assert_allclose(a.hidden[key], b.hidden[key], rtol=1e-9, atol=1e-12)

@@ -1,0 +1,1 @@
+"""Per-layer statistics collection, phases, outputs, and the analyses built on them."""

@@ -1,0 +1,37 @@
+"""`mcr-exit choose-layer`: combine downstream curves with the phase profile; draw the paper's Figure 8."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("choose-layer")
+@click.option("--profile", "profile_path", required=True, metavar="phase_profile.json")
+@click.option("--lens", "lens_file", default=None, metavar="lens.json")
+@click.option("--lmeval", "lmeval_file", default=None, metavar="lmeval.json")
+@click.option("--probe", "probe_file", default=None, metavar="probe.json")
+@click.option("--mteb", "mteb_file", default=None, metavar="mteb.json")
+@click.option("--figure", default=None, help="Where to draw Figure 8. Default: next to the profile.")
+@click.option("--dry-run", is_flag=True, help="Report the choice without rewriting the profile.")
+def choose_layer_command(profile_path, lens_file, lmeval_file, probe_file, mteb_file, figure, dry_run):
+    """Set embedding_layer from embedding-task evidence (MTEB, else probes); otherwise keep the default."""
+    from pathlib import Path
+
+    from mcr_exit.analysis.profile import read_profile
+    from mcr_exit.evaluation.choose import apply_evidence, embedding_evidence, update_profile_file
+    from mcr_exit.evaluation.plots import figure8
+    from mcr_exit.evaluation.results import read_curve
+
+    docs = {k: read_curve(p, k) if p else None for k, p in
+            (("lens", lens_file), ("lmeval", lmeval_file), ("probe", probe_file), ("mteb", mteb_file))}
+    evidence = embedding_evidence(mteb=docs["mteb"], probe=docs["probe"])
+    if dry_run:
+        doc = apply_evidence(read_profile(profile_path), evidence)
+    else:
+        doc = update_profile_file(profile_path, evidence)
+    src = doc["embedding_layer_source"]
+    click.echo(f"embedding_layer = hidden {doc['embedding_layer']} ({src.get('method')}: {src.get('reason')})")
+    if any(docs.values()):
+        out = Path(figure) if figure else Path(profile_path).parent / "figure8_downstream.png"
+        figure8(**docs, profile=doc, out=out)
+        click.echo(f"figure: {out}")

@@ -1,0 +1,46 @@
+"""`mcr-exit lens`: LogitLens perplexity and entropy at every hidden index."""
+
+from __future__ import annotations
+
+import click
+
+from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
+from mcr_exit.cli.options import model_options, tracking_options
+
+
+@click.command("lens")
+@model_options
+@click.option("--data", default=None, metavar="FILE",
+              help="Text corpus (.txt, .jsonl, ...; e.g. WikiText-2 test.txt). Default: the built-in corpus.")
+@click.option("--field", default=None, help="Text field of each record (structured files).")
+@click.option("--window", type=int, default=256, show_default=True, help="Tokens per window (BOS included).")
+@click.option("--max-windows", type=int, default=32, show_default=True, help="Use at most this many windows.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward pass.")
+@click.option("--chunk-tokens", type=int, default=512, show_default=True,
+              help="Positions unembedded at once (memory ~ chunk x vocab).")
+@click.option("--bos", type=click.Choice(["auto", "force", "none"]), default="auto", show_default=True)
+@eval_options
+@tracking_options
+def lens_command(model, revision, dtype, device, data, field, window, max_windows, batch_size, chunk_tokens, bos,
+                 layers, output_dir, tracking_uri, experiment, no_mlflow):
+    """Next-token cross-entropy, perplexity and entropy of the LogitLens at every layer."""
+    from mcr_exit.data import load_prompts
+    from mcr_exit.evaluation.lens import logit_lens
+    from mcr_exit.evaluation.plots import figure8
+    from mcr_exit.evaluation.results import curve_document
+
+    prompts = load_prompts(data, field=field)
+    loaded = load_for_eval(model, revision, dtype, device)
+    result = logit_lens(loaded, prompts.texts, window=window, max_windows=max_windows, batch_size=batch_size,
+                        bos=bos, chunk_tokens=chunk_tokens, layers=parse_layers(layers))
+    doc = curve_document("lens", result, loaded=loaded,
+                         data={"name": prompts.name, "source": prompts.source, "digest": prompts.digest})
+    out = output_dir_for(output_dir, "lens", loaded.spec.name)
+    figure8(lens=doc, out=out / "lens.png")
+    tail = finish(doc, out, no_mlflow=no_mlflow, tracking_uri=tracking_uri, experiment=experiment,
+                  params={"data": prompts.source, **result.config, "n_windows": result.n_windows})
+    L = loaded.adapter.n_layers
+    for row in result.rows():
+        click.echo(f"  hidden {row['layer']:>3} ({row['layer'] / L:4.0%})  CE {row['cross_entropy']:7.3f}  "
+                   f"ppl {row['perplexity']:12.1f}  entropy {row['entropy']:6.3f}")
+    click.echo(f"{loaded.spec.name}: {result.n_windows} windows x {window} tokens; {tail}")

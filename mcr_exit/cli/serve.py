@@ -1,0 +1,89 @@
+"""`mcr-exit serve`: an OpenAI-compatible server with early-exit embeddings at the profile's layer k."""
+
+from __future__ import annotations
+
+import click
+
+from mcr_exit.cli.options import model_options
+
+
+def _check_serve_extra() -> None:
+    import importlib.util
+
+    from mcr_exit.errors import MissingExtraError
+
+    for module in ("fastapi", "uvicorn"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError(module, "serve")
+
+
+@click.command("serve")
+@model_options
+@click.option("--profile", "profile_src", required=True, metavar="FILE|runs:/ID/phase_profile.json|models:/NAME/VER",
+              help="Phase profile from `mcr-exit analyze`: its embedding_layer k is the default embedding layer.")
+@click.option("--tracking-uri", default=None, help="MLflow URI for runs:/ and models:/ profiles.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 to expose).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", envvar="MCR_EXIT_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every route but /health. Env: MCR_EXIT_API_KEY.")
+@click.option("--served-model-name", multiple=True, help="Extra model name(s) clients may send.")
+@click.option("--engine", "engine_kind", type=click.Choice(["transformers", "vllm"]), default="transformers",
+              show_default=True, help="Generation engine; embeddings always use the early-exit path.")
+@click.option("--gpu-memory-utilization", type=float, default=0.5, show_default=True,
+              help="vLLM: fraction of total GPU memory for vLLM (weights + KV cache).")
+@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM: GPUs per replica.")
+@click.option("--max-layer", type=int, default=None, help="Highest hidden index a request's `layer` may ask for.")
+@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
+              help="mean: real tokens without position 0; last: last real token.")
+@click.option("--no-normalize", is_flag=True, help="Return raw pooled vectors instead of L2-normalized ones.")
+@click.option("--max-queue", type=int, default=128, show_default=True, help="Waiting jobs before 429.")
+@click.option("--max-batch-tokens", type=int, default=8192, show_default=True, help="Token budget per embedding batch.")
+@click.option("--max-batch-size", type=int, default=64, show_default=True)
+@click.option("--max-gen-batch", type=int, default=8, show_default=True, help="Requests per generate call.")
+@click.option("--max-inputs", type=int, default=256, show_default=True, help="Inputs per embedding request.")
+@click.option("--max-input-tokens", type=int, default=2048, show_default=True, help="Tokens per input.")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="Cap on max_tokens.")
+@click.option("--max-body-bytes", type=int, default=4 * 1024 * 1024, show_default=True)
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per request.")
+def serve_command(model, revision, dtype, device, profile_src, tracking_uri, host, port, api_key,
+                  served_model_name, engine_kind, gpu_memory_utilization, tensor_parallel_size, max_layer,
+                  pooling, no_normalize, max_queue, max_batch_tokens, max_batch_size, max_gen_batch, max_inputs,
+                  max_input_tokens, max_new_tokens, max_body_bytes, timeout):
+    """Serve embeddings from the profile's layer k (early exit) and full-depth completions."""
+    _check_serve_extra()
+    if engine_kind == "vllm":
+        from mcr_exit.serving.vllm_generator import require_vllm
+
+        require_vllm()
+    import uvicorn
+
+    from mcr_exit.models import load_model
+    from mcr_exit.serving import Engine, EngineConfig
+    from mcr_exit.serving.app import create_app
+    from mcr_exit.serving.profile_source import check_profile_fits, load_profile_source
+
+    profile = load_profile_source(profile_src, tracking_uri=tracking_uri)  # before the slow model load
+    cfg = EngineConfig(max_queue=max_queue, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
+                       max_gen_batch=max_gen_batch, max_inputs=max_inputs, max_input_tokens=max_input_tokens,
+                       max_new_tokens=max_new_tokens, max_layer=max_layer, request_timeout_s=timeout,
+                       pooling=pooling, normalize=not no_normalize)
+    click.echo(f"loading {model or 'the built-in model'} on {device} ...", err=True)
+    loaded = load_model(model, revision=revision, dtype=dtype, device=device)
+    check_profile_fits(profile, name=loaded.spec.name, model_type=loaded.model.config.model_type,
+                       n_layers=loaded.n_layers, hidden_size=int(loaded.model.config.hidden_size))
+    generator = None
+    if engine_kind == "vllm":
+        from mcr_exit.serving.vllm_generator import VllmGenerator
+
+        generator = VllmGenerator(loaded.spec.location, dtype=loaded.spec.dtype,
+                                  gpu_memory_utilization=gpu_memory_utilization,
+                                  tensor_parallel_size=tensor_parallel_size)
+    engine = Engine(loaded, profile, cfg, generator=generator)
+    app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes,
+                     served_model_names=tuple(served_model_name))
+    p = profile.phases
+    click.echo(f"{loaded.spec.name}: {loaded.n_layers} blocks; compress hidden {p.get('compress_start')}.."
+               f"{p.get('refine_start')}; embeddings from hidden {engine.embedding_layer} "
+               f"(profile {profile.source}, sha256 {profile.sha256[:12]}); http://{host}:{port}/v1"
+               + ("; API key required" if api_key else ""), err=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,183 @@
+"""The OpenAI-compatible routes: /v1/embeddings, /v1/completions, /v1/chat/completions, /v1/models, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from mcr_exit.serving.errors import InvalidRequest, ModelNotFound, RequestTimeout, status_and_body
+from mcr_exit.serving.generation import GenerationRequest
+from mcr_exit.serving.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    embedding_response,
+    new_id,
+    usage_chunk,
+)
+
+CHAT_DEFAULT_MAX_TOKENS = 256
+
+
+def _split_inputs(value) -> tuple[list[str], list[list[int]]]:
+    """(texts, token id lists) of an OpenAI ``input``/``prompt``; exactly one of them is non-empty."""
+    if isinstance(value, str):
+        return [value], []
+    if not value:
+        return [], []
+    if all(isinstance(v, int) for v in value):
+        return [], [list(value)]
+    if all(isinstance(v, list) for v in value):
+        return [], [list(v) for v in value]
+    return list(value), []
+
+
+def build_router(engine, served_model_names: tuple[str, ...] = ()):
+    from fastapi import APIRouter
+    from fastapi.responses import PlainTextResponse, StreamingResponse
+
+    router = APIRouter()
+    names = (engine.model_id, *served_model_names)
+
+    def check_model(name: str | None) -> str:
+        if name is not None and name not in names:
+            raise ModelNotFound(f"model '{name}' is not served here; use one of: {', '.join(names)}",
+                                param="model", code="model_not_found")
+        return name or engine.model_id
+
+    def encode(value, param: str, truncate: bool = False) -> list[list[int]]:
+        texts, token_lists = _split_inputs(value)
+        if not texts and not token_lists:
+            raise InvalidRequest(f"{param} must not be empty", param=param)
+        if texts:
+            return engine.encode_texts(texts, truncate=truncate, param=param)
+        return engine.encode_token_ids(token_lists, truncate=truncate, param=param)
+
+    def sampling(req, prompt_ids: list[int], max_tokens: int | None) -> GenerationRequest:
+        if req.n != 1:
+            raise InvalidRequest("only n=1 is supported", param="n")
+        return GenerationRequest(prompt_ids=prompt_ids, max_tokens=max_tokens if max_tokens is not None else 16,
+                                 temperature=float(req.temperature), top_p=float(req.top_p),
+                                 stop=req.stop_strings(), seed=req.seed)
+
+    @router.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest):
+        model = check_model(req.model)
+        hidden = int(engine.loaded.model.config.hidden_size)
+        if req.dimensions is not None and req.dimensions != hidden:
+            raise InvalidRequest(f"dimensions must be {hidden} (no reduction is offered)", param="dimensions")
+        ids = encode(req.input, "input", req.truncate)
+        result = await engine.embed(ids, layer=req.layer, pooling=req.pooling, normalize=req.normalize)
+        return embedding_response(result.vectors, model=model, prompt_tokens=result.prompt_tokens,
+                                  encoding_format=req.encoding_format)
+
+    @router.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        model = check_model(req.model)
+        gens = [sampling(req, ids, req.max_tokens) for ids in encode(req.prompt, "prompt")]
+        if req.stream:
+            return stream(gens, model, chat=False, include_usage=req.include_usage())
+        outputs = await asyncio.gather(*(engine.generate(g) for g in gens))
+        return completion_response(outputs, model=model)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        model = check_model(req.model)
+        for i, m in enumerate(req.messages):
+            if not m.text().strip() and m.role != "assistant":
+                raise InvalidRequest(f"messages[{i}].content is empty", param=f"messages.{i}.content")
+        ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        gen = sampling(req, ids, min(CHAT_DEFAULT_MAX_TOKENS, engine.config.max_new_tokens)
+                       if max_tokens is None else max_tokens)
+        if req.stream:
+            return stream([gen], model, chat=True, include_usage=req.include_usage())
+        return chat_response(await engine.generate(gen), model=model)
+
+    def stream(gens: list[GenerationRequest], model: str, *, chat: bool, include_usage: bool):
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        for i, g in enumerate(gens):
+            g.on_text = lambda text, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, text))
+        try:
+            jobs = [engine.submit_generate(g) for g in gens]  # 429 / 400 now, before the first byte
+        except Exception:
+            for g in gens:
+                g.cancelled.set()
+            raise
+        rid = new_id("chatcmpl" if chat else "cmpl")
+
+        def chunk(i: int, text: str | None, finish: str | None, role: bool = False) -> str:
+            if chat:
+                delta = ({"role": "assistant", "content": ""} if role else {"content": text} if text else {})
+                body = chat_chunk(rid, model, i, delta, finish)
+            else:
+                body = completion_chunk(rid, model, i, text or "", finish)
+            return f"data: {json.dumps(body)}\n\n"
+
+        async def events():
+            outputs: dict[int, object] = {}
+            waiters = {asyncio.ensure_future(engine.wait(j)): i for i, j in enumerate(jobs)}
+            try:
+                if chat:
+                    yield chunk(0, None, None, role=True)
+                deadline = time.monotonic() + engine.config.request_timeout_s
+                while len(outputs) < len(jobs):
+                    get = asyncio.ensure_future(pieces.get())
+                    done, _ = await asyncio.wait({get, *waiters}, timeout=max(0.0, deadline - time.monotonic()),
+                                                 return_when=asyncio.FIRST_COMPLETED)
+                    if not done:
+                        get.cancel()
+                        raise RequestTimeout("the stream took longer than the request timeout")
+                    if get in done:
+                        i, text = get.result()
+                        yield chunk(i, text, None)
+                    else:
+                        get.cancel()
+                    for w in [w for w in done if w in waiters]:
+                        i = waiters.pop(w)
+                        outputs[i] = w.result()
+                        while not pieces.empty():  # text that arrived before the finish
+                            j, text = pieces.get_nowait()
+                            yield chunk(j, text, None)
+                        yield chunk(i, None, outputs[i].finish_reason)
+                if include_usage:
+                    obj = "chat.completion.chunk" if chat else "text_completion"
+                    yield f"data: {json.dumps(usage_chunk(rid, model, list(outputs.values()), obj))}\n\n"
+            except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
+                yield f"data: {json.dumps(status_and_body(exc)[1])}\n\n"
+            finally:
+                for g in gens:
+                    g.cancelled.set()  # a disconnected client stops its rows in the running batch
+                for w in waiters:
+                    w.cancel()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @router.get("/v1/models")
+    async def models():
+        p = engine.profile
+        info = {
+            "n_layers": engine.n_layers, "embedding_layer": engine.embedding_layer, "max_layer": engine.max_layer,
+            "phases": p.phases if p else None,
+            "profile": {"source": p.source, "sha256": p.sha256, "mlflow_run_id": p.doc.get("mlflow_run_id")}
+            if p else None,
+            "pooling": engine.config.pooling, "normalize": engine.config.normalize,
+            "generation_engine": "vllm" if engine.generator is not None else "transformers",
+        }
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "mcr-exit",
+                                            "mcr_exit": info} for name in names]}
+
+    @router.get("/metrics")
+    async def metrics():
+        engine.metrics.set("mcr_exit_queue_depth", engine.queue_depth())
+        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return router

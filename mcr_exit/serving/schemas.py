@@ -1,0 +1,126 @@
+"""OpenAI-compatible request models (pydantic) and converters from engine results to response bodies."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from typing import Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+TokenIds = list[StrictInt]
+TextOrTokens = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
+Number = Union[StrictInt, StrictFloat]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class EmbeddingRequest(_Request):
+    input: TextOrTokens
+    model: StrictStr | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: StrictStr | None = None
+    # mcr-exit extensions
+    layer: StrictInt | None = Field(None, description="hidden index to embed from; default: the profile's k")
+    pooling: Literal["mean", "last"] | None = None
+    normalize: StrictBool | None = None
+    truncate: StrictBool = False
+
+
+class _Sampling(_Request):
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    temperature: Number = 1.0
+    top_p: Number = 1.0
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: dict | None = None
+    n: StrictInt = 1
+    user: StrictStr | None = None
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in stops if s)
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionRequest(_Sampling):
+    prompt: TextOrTokens
+    max_tokens: StrictInt | None = 16
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: StrictStr | list[dict] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+def _encode(vector: np.ndarray, encoding_format: str):
+    if encoding_format == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.astype(np.float32).tolist()
+
+
+def embedding_response(vectors, *, model: str, prompt_tokens: int, encoding_format: str) -> dict:
+    arr = vectors.numpy() if hasattr(vectors, "numpy") else np.asarray(vectors)
+    data = [{"object": "embedding", "index": i, "embedding": _encode(v, encoding_format)} for i, v in enumerate(arr)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def _usage(outputs) -> dict:
+    p = sum(o.prompt_tokens for o in outputs)
+    c = sum(o.completion_tokens for o in outputs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def completion_response(outputs, *, model: str) -> dict:
+    choices = [{"index": i, "text": o.text, "logprobs": None, "finish_reason": o.finish_reason}
+               for i, o in enumerate(outputs)]
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": _usage(outputs)}
+
+
+def chat_response(output, *, model: str) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": output.text},
+              "logprobs": None, "finish_reason": output.finish_reason}
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [choice], "usage": _usage([output])}
+
+
+def completion_chunk(rid: str, model: str, index: int, text: str, finish_reason: str | None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def chat_chunk(rid: str, model: str, index: int, delta: dict, finish_reason: str | None) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(rid: str, model: str, outputs, obj: str) -> dict:
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [],
+            "usage": _usage(outputs)}

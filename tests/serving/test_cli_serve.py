@@ -1,0 +1,46 @@
+"""`mcr-exit serve` wiring: a real start on a tiny model folder, a foreign profile, a missing vLLM."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from mcr_exit.cli import main
+from tests.serving.conftest import make_profile, running_server
+
+
+def test_serve_starts_and_answers(tmp_path, tiny_llama_dir, monkeypatch):
+    import uvicorn
+
+    profile = make_profile(tmp_path / "phase_profile.json", name=tiny_llama_dir.name, model_type="llama",
+                           n_layers=3, hidden_size=64, k=1)
+    seen = {}
+
+    def fake_run(app, host, port, **_kw):  # run the real app on a free port instead of blocking on 8000
+        seen["bind"] = (host, port)
+        with running_server(app) as url:
+            seen["models"] = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
+            seen["noauth"] = httpx.get(url + "/v1/models").status_code
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setenv("MCR_EXIT_API_KEY", "k")
+    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir), "--profile", str(profile)])
+    assert r.exit_code == 0, r.output
+    assert seen["bind"] == ("127.0.0.1", 8000)  # loopback by default
+    assert seen["models"]["data"][0]["mcr_exit"]["embedding_layer"] == 1 and seen["noauth"] == 401
+
+
+def test_serve_refuses_a_profile_of_another_model(tmp_path, tiny_llama_dir):
+    profile = make_profile(tmp_path / "phase_profile.json", name="SmolLM2-135M-Instruct", model_type="llama",
+                           n_layers=30, hidden_size=576, k=12)
+    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir), "--profile", str(profile)])
+    assert r.exit_code == 1 and "made for another model" in r.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_engine_vllm_without_vllm_names_the_extra(tmp_path):
+    r = CliRunner().invoke(main, ["serve", "--engine", "vllm", "--profile", str(tmp_path / "p.json")])
+    assert r.exit_code == 1 and "pip install 'mcr-exit[vllm]'" in r.output
