@@ -20,13 +20,15 @@ from mcr_exit.models.loading import LoadedModel
 from mcr_exit.models.tokens import collate, length_batches, pad_id_of
 
 HEAD_METRICS = ("sink_score", "mixing_score", "colsum_concentration", "diag_score")
-SPECTRAL_BACKENDS = ("device", "cpu-pool")
+SPECTRAL_BACKENDS = ("device", "device-threads", "cpu-pool")
 
 
 class SpectralReducer:
     """Turns each hidden state into SpectralStats, on its own device or in a CPU thread pool.
 
-    "device" computes the Gram matrix and its eigenvalues where the hidden state lives. "cpu-pool"
+    "device" computes the Gram matrix and its eigenvalues where the hidden state lives; "device-threads"
+    does the same from several host threads, each on its own CUDA stream, so that the latency-bound
+    eigensolver calls overlap one another and the forward pass. "cpu-pool"
     computes the Gram matrix on the device and its eigenvalues in CPU threads, overlapped with the
     next layers of the forward pass (eigensolvers of 1k x 1k matrices are latency-bound on GPUs).
     """
@@ -35,13 +37,34 @@ class SpectralReducer:
         if backend not in SPECTRAL_BACKENDS:
             raise ValueError(f"unknown spectral backend '{backend}': use {', '.join(SPECTRAL_BACKENDS)}")
         self.backend, self.dtype = backend, dtype
-        self.pool = ThreadPoolExecutor(workers) if backend == "cpu-pool" else None
+        self.pool = ThreadPoolExecutor(workers) if backend != "device" else None
         self.pending: list[Future] = []
 
     def submit(self, h: torch.Tensor, lengths: torch.Tensor, store: Callable[[SpectralStats], None]) -> None:
         terms, gram = spectral_terms(h, lengths.to(h.device), compute_dtype=self.dtype)
         if self.pool is None:
             store(finish_spectral(terms, gram_eigenvalues(gram)))
+            return
+        if self.backend == "device-threads":
+            ready = torch.cuda.Event() if gram.is_cuda else None
+            if ready is not None:
+                ready.record()
+
+            def on_stream():
+                if ready is None:
+                    store(finish_spectral(terms, gram_eigenvalues(gram)))
+                    return
+                stream = torch.cuda.Stream(device=gram.device)
+                stream.wait_event(ready)
+                with torch.cuda.stream(stream):
+                    gram.record_stream(stream)
+                    for v in terms.values():
+                        v.record_stream(stream)
+                    result = finish_spectral(terms, gram_eigenvalues(gram))
+                stream.synchronize()
+                store(result)
+
+            self.pending.append(self.pool.submit(on_stream))
             return
         terms = {k: v.cpu() for k, v in terms.items()}
         gram = gram.cpu().numpy()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -13,7 +11,8 @@ import numpy as np
 
 from mcr_exit import __version__
 from mcr_exit.analysis import plots
-from mcr_exit.analysis.collect import capture_head_maps, collect_statistics
+from mcr_exit.analysis.collect import capture_head_maps
+from mcr_exit.analysis.distributed import collect_statistics_distributed, init_from_env, rank
 from mcr_exit.analysis.phases import Phases, detect_phases, recommend_embedding_layer
 from mcr_exit.analysis.profile import (
     ATTENTION_METRICS,
@@ -29,6 +28,7 @@ from mcr_exit.errors import ConfigError
 from mcr_exit.models import LoadedModel, load_model
 from mcr_exit.models.attention_stats import IMPLEMENTATION
 from mcr_exit.models.tokens import encode_prompts, resolve_bos
+from mcr_exit.outputs import staged_output_dir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,12 +102,13 @@ def analyze(
     *,
     loaded: LoadedModel | None = None,
     progress_factory: Callable[[int], Callable[[int], None]] | None = None,
-) -> AnalysisResult:
-    """Run the whole analysis. Outputs appear in the output directory only when everything succeeded."""
+) -> AnalysisResult | None:
+    """Run the whole analysis (under torchrun: data-parallel; rank 0 returns the result, others None). Outputs appear in the output directory only when everything succeeded."""
     t0 = time.time()
     prompts = load_prompts(cfg.data, field=cfg.field, max_prompts=cfg.max_prompts)
     if loaded is None:
-        loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device)
+        device = init_from_env(cfg.device)
+        loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=device)
     bos = resolve_bos(loaded.tokenizer, cfg.bos)
     enc = encode_prompts(loaded.tokenizer, prompts.texts, bos, cfg.max_length)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else _default_output_dir(loaded.spec.name)
@@ -115,7 +116,7 @@ def analyze(
 
     def work(logger) -> AnalysisResult:
         progress = progress_factory(len(enc.ids)) if progress_factory else None
-        stats = collect_statistics(
+        stats = collect_statistics_distributed(
             loaded, enc.ids, tau=cfg.tau, max_batch=cfg.batch_size, max_tokens=cfg.max_batch_tokens,
             progress=progress,
         )
@@ -141,9 +142,7 @@ def analyze(
         final = {k: float(np.nanmean(v)) for k, v in stats.final_normed.items()}
         doc = build_profile(table=table, phases=phases.as_dict(), embedding_layer=emb,
                             embedding_reason=emb_reason, final_normed=final, provenance=provenance)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
+        with staged_output_dir(out_dir) as staging:
             write_profile(doc, staging)
             table.to_csv(staging / "layers.csv", index=False)
             per_prompt_table(stats, enc.kept).to_csv(staging / "per_prompt.csv.gz", index=False)
@@ -162,15 +161,14 @@ def analyze(
                 _log_run(logger, table, phases, emb, staging)
                 logger.log_dataset(prompts.texts, name=prompts.name, source=prompts.source,
                                    digest=prompts.digest, context="analysis")
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            staging.rename(out_dir)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging)
         return AnalysisResult(profile=doc, phases=phases, output_dir=out_dir,
                               run_id=logger.run_id if logger else None, seconds=time.time() - t0)
 
+    if rank() != 0:
+        # torchrun: other ranks contribute their share of the prompts; rank 0 writes and logs.
+        collect_statistics_distributed(loaded, enc.ids, tau=cfg.tau, max_batch=cfg.batch_size,
+                                       max_tokens=cfg.max_batch_tokens)
+        return None
     if not cfg.mlflow:
         return work(None)
     from mcr_exit.tracking import tracked_run

@@ -68,4 +68,5 @@ def analyze_command(model, revision, dtype, device, data, field, max_prompts, ma
         plots=not no_plots,
     )
     result = analyze(cfg, progress_factory=_progress_factory)
-    click.echo(phase_summary(result))
+    if result is not None:  # under torchrun only rank 0 reports
+        click.echo(phase_summary(result))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import click
 
 from mcr_exit.cli.options import data_options, tracking_options
 from mcr_exit.errors import ConfigError
+from mcr_exit.outputs import staged_output_dir
 
 
 @click.command("compare")
@@ -32,9 +31,7 @@ def compare_command(run_ids, models, experiment, log_experiment, tracking_uri, o
     runs = select_runs(client, run_ids=run_ids, experiment=experiment, models=models)
     cmp = compare_runs(client, runs)
     out_dir = Path(output_dir or f"mcr-exit-runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".compare.", dir=out_dir.parent))
-    try:
+    with staged_output_dir(out_dir) as staging:
         cmp.table.to_csv(staging / "comparison.csv", index=False)
         (staging / "comparison.json").write_text(json.dumps(
             {"runs": json.loads(cmp.table.to_json(orient="records")), "pooled": cmp.pooled}, indent=2) + "\n")
@@ -52,12 +49,6 @@ def compare_command(run_ids, models, experiment, log_experiment, tracking_uri, o
                 logger.log_metrics({k: v for k, v in cmp.pooled.items()})
                 logger.log_artifacts(staging)
                 run_id = logger.run_id
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     click.echo(format_table(cmp))
     click.echo(f"outputs: {out_dir}" + (f"; MLflow run {run_id}" if run_id else ""))
 

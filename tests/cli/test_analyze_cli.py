@@ -76,7 +76,7 @@ def test_a_failed_analysis_is_a_failed_run_and_leaves_no_outputs(tmp_path, tiny_
     def boom(*a, **k):
         raise RuntimeError("simulated failure mid-run")
 
-    monkeypatch.setattr(run_module, "collect_statistics", boom)
+    monkeypatch.setattr(run_module, "collect_statistics_distributed", boom)
     out = tmp_path / "out"
     res = CliRunner().invoke(main, ["analyze", "--model", str(tiny_llama_dir), "--output-dir", str(out),
                                     "--tracking-uri", store, "--max-prompts", "2"])
