@@ -82,7 +82,7 @@ def _params(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos, n_
         "revision": loaded.spec.revision or "",
         "dtype": loaded.spec.dtype,
         "device": loaded.spec.device,
-        "attn_implementation": f"{IMPLEMENTATION} (chunked eager softmax with streamed statistics)",
+        "attn_implementation": f"{IMPLEMENTATION} (streamed statistics: chunked softmax; fused flash-LSE on CUDA half precision)",
         "architecture": loaded.adapter.family,
         "n_layers": loaded.n_layers,
         "bos_policy": bos.policy,

@@ -86,7 +86,7 @@ def run_blocks(
             out = adapter.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             return None
-    return out.last_hidden_state if stop_at is None or stop_at == L else None
+    return out.last_hidden_state  # only reached when no stop was requested
 
 
 def hidden_at(
