@@ -17,26 +17,9 @@ import numpy as np
 import torch
 
 from mcr_exit.errors import ConfigError
+from mcr_exit.metrics.pooling import POOLINGS, pool_hidden  # noqa: F401  (pool_hidden re-exported)
 from mcr_exit.models.forward import run_blocks
 from mcr_exit.models.tokens import collate, encode_prompts, length_batches, pad_id_of, resolve_bos
-
-POOLINGS = ("mean_no_bos", "last", "mean")
-
-
-def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(B, T, d) hidden, (B, T) 0/1 mask -> (B, d) float32 pooled features."""
-    if pooling not in POOLINGS:
-        raise ConfigError(f"unknown pooling '{pooling}': use {', '.join(POOLINGS)}")
-    h = hidden.float()
-    m = mask.to(h.dtype)
-    if pooling == "last":
-        last = mask.long().sum(1) - 1
-        return h[torch.arange(h.shape[0], device=h.device), last]
-    if pooling == "mean_no_bos":
-        m = m.clone()
-        multi = m.sum(1) > 1
-        m[multi, 0] = 0.0
-    return (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
 
 
 def check_layers(layers, n_layers: int) -> list[int]:

@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from mcr_exit.errors import DataError
