@@ -89,7 +89,37 @@ def usual_approach(loaded, ids, mask):
         model.set_attn_implementation("sdpa")
 
 
-def check(loaded, ids, mask, method, backend):
+def parse_spec(spec):
+    """'device-fp64' | 'device-fp32' | 'device-threads-fp32' | 'cpu-pool' | 'estimate[-D48][-i12][-c136]' |
+    'attention-only' -> (backend, spectral dtype, estimate options)."""
+    if spec.startswith("estimate"):
+        opts = {}
+        for part in spec.split("-")[1:]:
+            if part.startswith("D"):
+                opts["degree"] = int(part[1:])
+            elif part.startswith("i"):
+                opts["iterations"] = int(part[1:])
+            elif part.startswith("w"):
+                opts["width"] = int(part[1:])
+            elif part.startswith("c"):
+                opts["chunk"] = int(part[1:])
+            elif part == "fp32":
+                opts["storage"] = torch.float32
+        return "estimate", torch.float64, opts
+    backend = "cpu-pool" if spec == "cpu-pool" else "device-threads" if spec.startswith("device-threads") else "device"
+    return backend, torch.float32 if spec.endswith("fp32") else torch.float64, {}
+
+
+def attention_only(loaded, ids, mask, method):
+    """The forward pass with the attention statistics and no hidden-state statistics (a breakdown row)."""
+    from mcr_exit.models.attention_stats import collect_attention_stats
+    from mcr_exit.models.forward import run_blocks
+
+    with collect_attention_stats(loaded.adapter, mask.sum(1), lambda j, a: None, method=method):
+        run_blocks(loaded.adapter, ids, mask, lambda i, h: None)
+
+
+def check(loaded, ids, mask, method, spec):
     """Largest |difference| of each per-layer metric from an eager float64 reference, on one batch."""
     from mcr_exit.analysis.collect import collect_statistics
     from mcr_exit.metrics.attention import attention_head_stats, summarize_heads
@@ -97,8 +127,10 @@ def check(loaded, ids, mask, method, backend):
     from mcr_exit.models.forward import run_blocks
 
     lengths = mask.sum(1)
+    backend, sdtype, opts = parse_spec(spec)
     got = collect_statistics(loaded, [row[: int(n)].tolist() for row, n in zip(ids.cpu(), lengths.cpu())],
-                             max_batch=ids.shape[0], spectral_backend=backend, attention_method=method)
+                             max_batch=ids.shape[0], spectral_backend=backend, spectral_dtype=sdtype,
+                             spectral_options=opts, attention_method=method)
     hidden = {}
     model = loaded.model
     model.set_attn_implementation("eager")
@@ -170,12 +202,15 @@ def main():
                              peak_gib=peak))
         for variant in args.variants.split(","):
             method, spec = variant.split("/")
-            backend = "cpu-pool" if spec == "cpu-pool" else "device"
-            sdtype = torch.float32 if spec.endswith("fp32") else torch.float64
 
             def run():
+                if spec == "attention-only":
+                    with torch.inference_mode():
+                        return attention_only(loaded, ids, mask, method)
+                backend, sdtype, opts = parse_spec(spec)
                 collect_statistics(loaded, lists, max_batch=bs, max_tokens=bs * args.seq_len,
-                                   spectral_backend=backend, spectral_dtype=sdtype, attention_method=method)
+                                   spectral_backend=backend, spectral_dtype=sdtype, spectral_options=opts,
+                                   attention_method=method)
 
             try:
                 dt, peak = timed(run, device, args.repeats)
@@ -195,8 +230,9 @@ def main():
         mask[1, ids.shape[1] // 2 :] = 0  # one padded row
         for variant in args.variants.split(","):
             method, spec = variant.split("/")
-            backend = "cpu-pool" if spec == "cpu-pool" else "device"
-            diffs = check(loaded, ids.to(device), mask.to(device), method, backend)
+            if spec == "attention-only":
+                continue
+            diffs = check(loaded, ids.to(device), mask.to(device), method, spec)
             print("check", variant, json.dumps({k: f"{v:.2e}" for k, v in diffs.items()}))
             rows.append(dict(check=variant, **diffs))
     if args.json:

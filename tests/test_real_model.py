@@ -48,3 +48,28 @@ def test_cli_with_no_arguments_runs_the_default_model_into_the_default_store(tmp
     assert len(client.get_metric_history(run.info.run_id, "bos_norm")) == 31
     (out,) = (tmp_path / "mcr-exit-runs").iterdir()
     assert json.loads((out / "phase_profile.json").read_text())["mlflow_run_id"] == run.info.run_id
+
+
+def test_estimated_spectra_match_exact_eigenvalues_on_the_real_model(real_model):
+    """The GPU default (--spectra estimate, float16 products as on a GPU) against exact eigenvalues on
+    SmolLM2's own hidden states, valley included: two prompts of ~300-400 tokens (Gram matrices >= 256)."""
+    import numpy as np
+    import torch
+
+    from mcr_exit.analysis.collect import collect_statistics
+    from mcr_exit.data.sources import load_prompts
+    from mcr_exit.models.tokens import encode_prompts, resolve_bos
+
+    texts = load_prompts().texts
+    long = [" ".join(texts[:14]), " ".join(texts[14:30])]
+    enc = encode_prompts(real_model.tokenizer, long, resolve_bos(real_model.tokenizer, "auto"), 400)
+    assert min(len(x) for x in enc.ids) >= 256
+    exact = collect_statistics(real_model, enc.ids, max_batch=2, spectral_backend="device")
+    est = collect_statistics(real_model, enc.ids, max_batch=2, spectral_backend="estimate",
+                             spectral_options={"storage": torch.float16})
+    dH = np.abs(est.hidden["entropy"] - exact.hidden["entropy"])
+    assert dH.max() < 1e-3
+    assert exact.hidden["entropy"].min() < 0.1  # the valley is in there
+    assert np.abs(est.hidden["anisotropy"] - exact.hidden["anisotropy"]).max() < 1e-6
+    assert np.allclose(est.hidden["norm_ratio"], exact.hidden["norm_ratio"], rtol=1e-6)
+    assert np.abs(est.final_normed["entropy"] - exact.final_normed["entropy"]).max() < 1e-3

@@ -6,21 +6,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from mcr_exit.metrics.attention import AttentionStats, summarize_heads
-from concurrent.futures import Future, ThreadPoolExecutor
-
-from mcr_exit.metrics.spectral import SpectralStats, finish_spectral, gram_eigenvalues, spectral_stats, spectral_terms
+from mcr_exit.metrics.spectral import SpectralStats, finish_spectral, gram_eigenvalues, spectral_terms
+from mcr_exit.metrics.spectral_estimate import estimate_spectrum
 from mcr_exit.models.attention_stats import collect_attention_stats
 from mcr_exit.models.forward import run_blocks
 from mcr_exit.models.loading import LoadedModel
 from mcr_exit.models.tokens import collate, length_batches, pad_id_of
 
 HEAD_METRICS = ("sink_score", "mixing_score", "colsum_concentration", "diag_score")
-SPECTRAL_BACKENDS = ("device", "device-threads", "cpu-pool")
+SPECTRAL_BACKENDS = ("device", "device-threads", "cpu-pool", "estimate")
+SPECTRA_METHODS = ("auto", "exact", "estimate")
+ESTIMATE_MIN_SIZE = 256  # below this Gram size exact eigenvalues cost little anywhere
+
+
+def spectral_backend_for(spectra: str, device: torch.device | str) -> str:
+    """The reducer backend for a ``--spectra`` choice: "auto" estimates on GPUs, exact elsewhere."""
+    if spectra not in SPECTRA_METHODS:
+        raise ValueError(f"unknown spectra method '{spectra}': use {', '.join(SPECTRA_METHODS)}")
+    if spectra == "estimate" or (spectra == "auto" and torch.device(device).type == "cuda"):
+        return "estimate"
+    return "device"
 
 
 class SpectralReducer:
@@ -31,16 +42,49 @@ class SpectralReducer:
     eigensolver calls overlap one another and the forward pass. "cpu-pool"
     computes the Gram matrix on the device and its eigenvalues in CPU threads, overlapped with the
     next layers of the forward pass (eigensolvers of 1k x 1k matrices are latency-bound on GPUs).
+    "estimate" keeps float32 Gram matrices until ``chunk`` of them are waiting and then gets entropy and
+    top eigenvalues for all of them at once from matrix products (``metrics/spectral_estimate.py``);
+    Gram matrices smaller than ESTIMATE_MIN_SIZE still get exact eigenvalues.
     """
 
-    def __init__(self, backend: str = "device", dtype: torch.dtype = torch.float64, workers: int = 8):
+    def __init__(
+        self, backend: str = "device", dtype: torch.dtype = torch.float64, workers: int = 8, chunk: int = 64,
+        estimate_options: dict | None = None,
+    ):
         if backend not in SPECTRAL_BACKENDS:
             raise ValueError(f"unknown spectral backend '{backend}': use {', '.join(SPECTRAL_BACKENDS)}")
-        self.backend, self.dtype = backend, dtype
-        self.pool = ThreadPoolExecutor(workers) if backend != "device" else None
+        self.estimate_options = dict(estimate_options or {})
+        chunk = self.estimate_options.pop("chunk", chunk)
+        self.backend, self.dtype, self.chunk = backend, dtype, chunk
+        self.pool = ThreadPoolExecutor(workers) if backend in ("device-threads", "cpu-pool") else None
         self.pending: list[Future] = []
+        self.waiting: list[tuple[dict, torch.Tensor, Callable[[SpectralStats], None]]] = []
+
+    def _flush_estimates(self) -> None:
+        by_shape: dict[tuple, list[int]] = {}
+        for n, (_, gram, _) in enumerate(self.waiting):
+            by_shape.setdefault((gram.shape[-1], gram.device), []).append(n)
+        for idx in by_shape.values():
+            summary = estimate_spectrum(torch.cat([self.waiting[n][1] for n in idx]), **self.estimate_options)
+            terms = {k: torch.cat([self.waiting[n][0][k] for n in idx]) for k in self.waiting[idx[0]][0]}
+            allstats = finish_spectral(terms, summary).as_dict()  # once for the chunk, then sliced per layer
+            offset = 0
+            for n in idx:
+                rows = slice(offset, offset + self.waiting[n][1].shape[0])
+                offset = rows.stop
+                self.waiting[n][2](SpectralStats(**{k: v[rows] for k, v in allstats.items()}))
+        self.waiting.clear()
 
     def submit(self, h: torch.Tensor, lengths: torch.Tensor, store: Callable[[SpectralStats], None]) -> None:
+        if self.backend == "estimate":
+            T, d = h.shape[-2], h.shape[-1]
+            if min(T, d) >= ESTIMATE_MIN_SIZE:
+                terms, gram = spectral_terms(h, lengths.to(h.device), compute_dtype=self.dtype,
+                                             gram_dtype=torch.float32)
+                self.waiting.append((terms, gram, store))
+                if sum(g.shape[0] for _, g, _ in self.waiting) >= self.chunk:
+                    self._flush_estimates()
+                return
         terms, gram = spectral_terms(h, lengths.to(h.device), compute_dtype=self.dtype)
         if self.pool is None:
             store(finish_spectral(terms, gram_eigenvalues(gram)))
@@ -76,6 +120,8 @@ class SpectralReducer:
         self.pending.append(self.pool.submit(work))
 
     def drain(self) -> None:
+        if self.waiting:
+            self._flush_estimates()
         for f in self.pending:
             f.result()
         self.pending.clear()
@@ -120,12 +166,12 @@ class _BatchBuffer:
     def flush(self, rows: list[int]) -> None:
         if not self.items:
             return
-        by_device: dict[torch.device, list[int]] = {}
+        by_kind: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for n, item in enumerate(self.items):
-            by_device.setdefault(item[4].device, []).append(n)
+            by_kind.setdefault((item[4].device, item[4].dtype), []).append(n)
         host: dict[int, np.ndarray] = {}
-        for device, idx in by_device.items():
-            flat = torch.cat([self.items[n][4].reshape(-1).to(torch.float64) for n in idx]).cpu().numpy()
+        for idx in by_kind.values():  # one concatenation, one conversion and one copy per device and dtype
+            flat = torch.cat([self.items[n][4].reshape(-1) for n in idx]).to(torch.float64).cpu().numpy()
             offset = 0
             for n in idx:
                 size = self.items[n][4].numel()
@@ -150,6 +196,7 @@ def collect_statistics(
     max_tokens: int = 8192,
     spectral_dtype: torch.dtype = torch.float64,
     spectral_backend: str = "device",
+    spectral_options: dict | None = None,
     attention_method: str = "auto",
     progress: Callable[[int], None] | None = None,
 ) -> LayerStatistics:
@@ -165,7 +212,7 @@ def collect_statistics(
     stats = LayerStatistics(n_layers=L, n_heads=n_heads, lengths=np.array([len(x) for x in ids]))
     pad = pad_id_of(loaded.tokenizer)
     device = loaded.input_device
-    reducer = SpectralReducer(spectral_backend, spectral_dtype)
+    reducer = SpectralReducer(spectral_backend, spectral_dtype, estimate_options=spectral_options)
     buffer = _BatchBuffer()
     for batch in length_batches([len(x) for x in ids], max_tokens, max_batch):
         input_ids, mask = collate([ids[i] for i in batch], pad, device)
@@ -188,11 +235,13 @@ def collect_statistics(
         with collect_attention_stats(adapter, lengths, on_attention, method=attention_method):
             final = run_blocks(adapter, input_ids, mask, on_hidden)
         if final is not None:
-            s = spectral_stats(final, lengths.to(final.device), compute_dtype=spectral_dtype)
-            for key in ("entropy", "entropy_norm", "anisotropy", "bos_norm", "other_norm", "norm_ratio"):
-                buffer.add(stats.final_normed, key, (N,), None, getattr(s, key))
-        if reducer.pool is not None:
-            reducer.drain()
+
+            def store_final(s: SpectralStats) -> None:
+                for key in ("entropy", "entropy_norm", "anisotropy", "bos_norm", "other_norm", "norm_ratio"):
+                    buffer.add(stats.final_normed, key, (N,), None, getattr(s, key))
+
+            reducer.submit(final, lengths, store_final)
+        reducer.drain()
         buffer.flush(batch)
         if progress is not None:
             progress(len(batch))

@@ -12,6 +12,7 @@ import numpy as np
 from mcr_exit import __version__
 from mcr_exit.analysis import plots
 from mcr_exit.analysis.collect import capture_head_maps
+from mcr_exit.analysis.collect import SPECTRA_METHODS, spectral_backend_for
 from mcr_exit.analysis.distributed import collect_statistics_distributed, init_from_env, rank
 from mcr_exit.analysis.phases import Phases, detect_phases, recommend_embedding_layer
 from mcr_exit.analysis.profile import (
@@ -50,12 +51,15 @@ class AnalyzeConfig:
     experiment: str = "mcr-exit"
     mlflow: bool = True
     plots: bool = True
+    spectra: str = "auto"
 
     def __post_init__(self):
         if not (0 < self.tau <= 1):
             raise ConfigError(f"--tau must be in (0, 1], got {self.tau}")
         if self.max_length < 2:
             raise ConfigError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.spectra not in SPECTRA_METHODS:
+            raise ConfigError(f"--spectra must be one of {', '.join(SPECTRA_METHODS)}, got '{self.spectra}'")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
 
@@ -89,6 +93,7 @@ def _params(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos, n_
         "bos_token": bos.token or "",
         "max_length": cfg.max_length,
         "tau": cfg.tau,
+        "spectra": f"{cfg.spectra} ({spectral_backend_for(cfg.spectra, loaded.input_device)})",
         "dataset_name": prompts.name,
         "dataset_source": prompts.source,
         "dataset_sha256": prompts.digest,
@@ -118,7 +123,7 @@ def analyze(
         progress = progress_factory(len(enc.ids)) if progress_factory else None
         stats = collect_statistics_distributed(
             loaded, enc.ids, tau=cfg.tau, max_batch=cfg.batch_size, max_tokens=cfg.max_batch_tokens,
-            progress=progress,
+            progress=progress, spectral_backend=spectral_backend_for(cfg.spectra, loaded.input_device),
         )
         table = layer_table(stats)
         phases = detect_phases(
@@ -167,7 +172,8 @@ def analyze(
     if rank() != 0:
         # torchrun: other ranks contribute their share of the prompts; rank 0 writes and logs.
         collect_statistics_distributed(loaded, enc.ids, tau=cfg.tau, max_batch=cfg.batch_size,
-                                       max_tokens=cfg.max_batch_tokens)
+                                       max_tokens=cfg.max_batch_tokens,
+                                       spectral_backend=spectral_backend_for(cfg.spectra, loaded.input_device))
         return None
     if not cfg.mlflow:
         return work(None)

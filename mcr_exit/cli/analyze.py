@@ -55,9 +55,12 @@ def phase_summary(result) -> str:
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per forward pass.")
 @click.option("--output-dir", default=None, help="Where to write the outputs. Default: ./mcr-exit-runs/<model>-<time>.")
 @click.option("--no-plots", is_flag=True, help="Skip the figures.")
+@click.option("--spectra", type=click.Choice(["auto", "exact", "estimate"]), default="auto", show_default=True,
+              help="Entropy and top eigenvalues: exact eigensolver, or estimated from matrix products "
+                   "(within 1e-3 nats; see docs/metrics.md). auto: estimate on a GPU, exact elsewhere.")
 @tracking_options
 def analyze_command(model, revision, dtype, device, data, field, max_prompts, max_length, bos, tau,
-                    batch_size, output_dir, no_plots, tracking_uri, experiment, no_mlflow):
+                    batch_size, output_dir, no_plots, spectra, tracking_uri, experiment, no_mlflow):
     """Measure, layer by layer, massive activations, compression and attention sinks; find the phases."""
     from mcr_exit.analysis.run import AnalyzeConfig, analyze
 
@@ -65,7 +68,7 @@ def analyze_command(model, revision, dtype, device, data, field, max_prompts, ma
         model=model, revision=revision, dtype=dtype, device=device, bos=bos, data=data, field=field,
         max_prompts=max_prompts, max_length=max_length, tau=tau, batch_size=batch_size,
         output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment, mlflow=not no_mlflow,
-        plots=not no_plots,
+        plots=not no_plots, spectra=spectra,
     )
     result = analyze(cfg, progress_factory=_progress_factory)
     if result is not None:  # under torchrun only rank 0 reports

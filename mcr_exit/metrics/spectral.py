@@ -67,12 +67,19 @@ def _binary_entropy_bound(p: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def spectral_terms(
-    X: torch.Tensor, lengths: torch.Tensor | None = None, *, compute_dtype: torch.dtype = torch.float64
+    X: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    gram_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """First half of ``spectral_stats``: the cheap per-row terms and the smaller Gram matrix.
 
     Returns (terms, gram) with gram (B, n, n), n = min(T, d); its eigenvalues are the sigma_j^2.
     Splitting lets a caller run the eigenvalue step elsewhere (another thread, another device).
+    ``gram_dtype`` float32 builds the Gram matrix and the terms from float32 copies (sums still in
+    ``compute_dtype``); for bfloat16/float16 hidden states on a GPU the products then run on TF32 tensor
+    cores, which hold those inputs exactly.
     """
     if X.dim() == 2:
         X = X.unsqueeze(0)
@@ -83,21 +90,55 @@ def spectral_terms(
         lengths = torch.full((B,), T, dtype=torch.long, device=X.device)
     lengths = lengths.to(X.device)
     valid = torch.arange(T, device=X.device)[None, :] < lengths[:, None]  # (B, T)
-    Xc = X.to(compute_dtype) * valid[..., None]
-    row_sq = (Xc * Xc).sum(-1)  # (B, T)
+    work_dtype = gram_dtype or compute_dtype
+    if work_dtype == torch.float32 and T <= d and X.is_cuda and X.dtype in (torch.bfloat16, torch.float16):
+        return _terms_from_gram(X, lengths, valid, compute_dtype)
+    Xc = X.to(work_dtype) * valid[..., None]
+    row_sq = (Xc * Xc).sum(-1, dtype=compute_dtype)  # (B, T)
+    dots = torch.einsum("btd,bd->bt", Xc[:, 1:], Xc[:, 0]).to(compute_dtype)
+    exact_tf32 = Xc.is_cuda and work_dtype == torch.float32 and X.dtype in (torch.bfloat16, torch.float16)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = prev or exact_tf32
+    try:
+        gram = Xc @ Xc.transpose(1, 2) if T <= d else Xc.transpose(1, 2) @ Xc
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return _terms(row_sq, dots, lengths, d), gram
+
+
+def _half_gram(X: torch.Tensor) -> torch.Tensor:
+    """X X^T in float32 from half-precision X: float32 accumulation of exact products, no float32 copy on GPUs."""
+    if X.is_cuda:
+        try:
+            return torch.bmm(X, X.transpose(1, 2), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch without bmm(out_dtype=...)
+            pass
+    Xf = X.float()
+    return Xf @ Xf.transpose(1, 2)
+
+
+def _terms_from_gram(X, lengths, valid, compute_dtype):
+    """GPU path of ``spectral_terms`` for T <= d: one half-precision product with float32 output gives the
+    Gram matrix, and the terms are read off it (row norms on its diagonal, <x_i, x_0> in its first row)."""
+    B, T, d = X.shape
+    gram = _half_gram(X)
+    vv = (valid[:, :, None] & valid[:, None, :]).to(gram.dtype)
+    gram = gram * vv  # padding rows and columns out
+    row_sq = gram.diagonal(dim1=-2, dim2=-1).to(compute_dtype)
+    return _terms(row_sq, gram[:, 0, 1:].to(compute_dtype), lengths, d), gram
+
+
+def _terms(row_sq: torch.Tensor, dots: torch.Tensor, lengths: torch.Tensor, d: int) -> dict[str, torch.Tensor]:
+    """Theorem 1 terms from squared row norms (B, T) and <x_i, x_0> for i >= 1 (B, T - 1)."""
     M = row_sq[:, 0]
     R = row_sq[:, 1:].sum(-1)
-    n_other = (lengths - 1).clamp(min=0).to(compute_dtype)
+    n_other = (lengths - 1).clamp(min=0).to(row_sq.dtype)
     other_norm = torch.where(
         n_other > 0, row_sq[:, 1:].sqrt().sum(-1) / n_other.clamp(min=1), torch.full_like(M, float("nan"))
     )
-    # alpha R = sum_{i != 0} <x_i, x_0>^2 / ||x_0||^2
-    dots = torch.einsum("btd,bd->bt", Xc[:, 1:], Xc[:, 0])
-    alpha_R = (dots * dots).sum(-1) / M.clamp(min=_EPS)
-    gram = Xc @ Xc.transpose(1, 2) if T <= d else Xc.transpose(1, 2) @ Xc
-    r = torch.minimum(lengths, torch.tensor(d, device=X.device)).to(compute_dtype)
-    terms = {"M": M, "R": R, "other_norm": other_norm, "alpha_R": alpha_R, "r": r}
-    return terms, gram
+    alpha_R = (dots * dots).sum(-1) / M.clamp(min=_EPS)  # alpha R = sum_{i != 0} <x_i, x_0>^2 / ||x_0||^2
+    r = lengths.clamp(max=d).to(row_sq.dtype)
+    return {"M": M, "R": R, "other_norm": other_norm, "alpha_R": alpha_R, "r": r}
 
 
 def gram_eigenvalues(gram: torch.Tensor) -> torch.Tensor:
@@ -105,21 +146,31 @@ def gram_eigenvalues(gram: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).clamp(min=0).flip(-1)
 
 
-def finish_spectral(terms: dict[str, torch.Tensor], eig: torch.Tensor) -> SpectralStats:
-    """Second half of ``spectral_stats``: everything that needs the eigenvalues ``eig`` (B, n), descending."""
+def finish_spectral(terms: dict[str, torch.Tensor], eig) -> SpectralStats:
+    """Second half of ``spectral_stats``: everything that needs the spectrum.
+
+    ``eig`` is either all eigenvalues (B, n), descending, or a ``SpectrumSummary`` (total, three largest
+    eigenvalues and entropy, from ``mcr_exit.metrics.spectral_estimate``).
+    """
     M, R, alpha_R, r = terms["M"], terms["R"], terms["alpha_R"], terms["r"]
-    eig = eig.to(M.device, M.dtype)
+    if isinstance(eig, torch.Tensor):
+        eig = eig.to(M.device, M.dtype)
+        total = eig.sum(-1).clamp(min=_EPS)
+        p = eig / total[:, None]
+        entropy = -torch.xlogy(p, p).sum(-1)
+        top = eig[:, :3]
+    else:
+        total = eig.total.to(M.device, M.dtype).clamp(min=_EPS)
+        entropy = eig.entropy.to(M.device, M.dtype)
+        top = eig.top.to(M.device, M.dtype)
     frob_sq = M + R
     bos_norm = M.sqrt()
     other_norm = terms["other_norm"]
     alpha = torch.where(R > 0, alpha_R / R.clamp(min=_EPS), torch.zeros_like(R))
     c = M / R.clamp(min=_EPS)
-    total = eig.sum(-1, keepdim=True).clamp(min=_EPS)
-    p = eig / total
-    entropy = -torch.xlogy(p, p).sum(-1)
     log_r = torch.log(r)
     entropy_norm = torch.where(r > 1, entropy / log_r.clamp(min=_EPS), torch.zeros_like(entropy))
-    sigma = [eig[:, j] if eig.shape[1] > j else torch.zeros_like(M) for j in range(3)]
+    sigma = [top[:, j] if top.shape[1] > j else torch.zeros_like(M) for j in range(3)]
     tail = (frob_sq - sigma[0]).clamp(min=0)
     dominance = sigma[0] / tail.clamp(min=_EPS)
     p_bound = (c + alpha) / (c + 1.0)
@@ -138,7 +189,7 @@ def finish_spectral(terms: dict[str, torch.Tensor], eig: torch.Tensor) -> Spectr
         sigma3_sq=sigma[2],
         entropy=entropy,
         entropy_norm=entropy_norm,
-        anisotropy=p[:, 0],
+        anisotropy=sigma[0] / total,
         dominance=dominance,
         M=M,
         R=R,

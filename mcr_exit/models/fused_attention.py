@@ -42,6 +42,24 @@ def lse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return _reference_lse_attention(q, k, v, scale)
 
 
+def _row_dots(q: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+    """(B, H, T, len(others)) float32: q_t . x_t for each x in ``others``, products accumulated in float32.
+
+    On CUDA in half precision: one batched product with float32 output (no float32 copies of q);
+    elsewhere in float32.
+    """
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        try:
+            B, H, T, d = q.shape
+            stacked = torch.stack(others, dim=-1).reshape(B * H * T, d, len(others))
+            out = torch.bmm(q.reshape(B * H * T, 1, d), stacked, out_dtype=torch.float32)
+            return out.reshape(B, H, T, len(others))
+        except (TypeError, RuntimeError):  # a torch without bmm(out_dtype=...)
+            pass
+    qf = q.float()
+    return torch.stack([(qf * x.float()).sum(-1) for x in others], dim=-1)
+
+
 def _pad_features(x: torch.Tensor, extra: list[torch.Tensor]) -> torch.Tensor:
     """Append feature columns, then zero-pad to a multiple of 8 (flash attention's head size rule)."""
     cols = [x, *[e.unsqueeze(-1).to(x.dtype) for e in extra]]
@@ -68,11 +86,12 @@ def fused_attention_stats(
     out, lse = lse_attention(q, k, v, scale)
     k0 = k[:, :, :1]
     centred, _ = lse_attention(q, k, k - k0, scale)
-    qf = q.float()
-    log_a0 = scale * (qf * k0.float()).sum(-1) - lse  # (B, H, T)
+    # three row-wise dot products q_t . (k_0, k_t, centred_t), accumulated in float32
+    dots = _row_dots(q, [k0.expand_as(k), k, centred]) * scale  # (B, H, T, 3)
+    log_a0 = dots[..., 0] - lse  # (B, H, T)
     a0 = torch.exp(log_a0)
-    a_diag = torch.exp(scale * (qf * k.float()).sum(-1) - lse)
-    row_h = (-log_a0 - scale * (qf * centred.float()).sum(-1)).clamp(min=0.0)
+    a_diag = torch.exp(dots[..., 1] - lse)
+    row_h = (-log_a0 - dots[..., 2]).clamp(min=0.0)
 
     pos = torch.arange(T, device=q.device)
     valid = pos[None, :] < lengths[:, None].to(q.device)  # (B, T)
@@ -83,7 +102,8 @@ def fused_attention_stats(
     ones = torch.ones_like(lse)
     q_aug = _pad_features(q, [hi, lo])
     k_aug = _pad_features(k, [ones, ones])
-    _, lse_cols = lse_attention(k_aug.flip(2), q_aug.flip(2), q_aug.flip(2), scale)
+    q_rev = q_aug.flip(2)
+    _, lse_cols = lse_attention(k_aug.flip(2), q_rev, q_rev, scale)
     colsum = torch.exp(lse_cols.flip(2))  # (B, H, T): sum_t A[t, j]
 
     n = lengths.to(q.device).float()[:, None]  # (B, 1)

@@ -98,6 +98,7 @@ def test_a_failed_analysis_is_a_failed_run_and_leaves_no_outputs(tmp_path, tiny_
         (["--data", "PROMPTS", "--field", "nope"], "field 'nope' not found"),
         (["--data", "BLANKS"], "empty after tokenization"),
         (["--model", "BADGGUF"], "corrupt GGUF"),
+        (["--spectra", "fast"], "Invalid value for '--spectra'"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, tiny_llama_dir, prompts_file, args, message):

@@ -150,3 +150,33 @@ def test_cpu_pool_spectral_backend_equals_device(tiny_loaded):
     b = collect_statistics(tiny_loaded, ids, spectral_backend="cpu-pool")
     for key in ("entropy", "anisotropy", "norm_ratio", "entropy_bound"):
         np.testing.assert_allclose(a.hidden[key], b.hidden[key], rtol=1e-9, atol=1e-12)
+
+
+def test_estimate_spectral_backend_matches_exact_eigenvalues(tiny_loaded, monkeypatch):
+    """The GPU default, forced on the CPU for tiny Gram matrices: same statistics, entropy within 1e-3."""
+    import numpy as np
+
+    from mcr_exit.analysis import collect
+    from mcr_exit.analysis.collect import collect_statistics
+
+    monkeypatch.setattr(collect, "ESTIMATE_MIN_SIZE", 0)
+    ids = [p for p in PROMPTS]
+    a = collect_statistics(tiny_loaded, ids, spectral_backend="device")
+    b = collect_statistics(tiny_loaded, ids, spectral_backend="estimate", spectral_options={"chunk": 5})
+    assert np.abs(a.hidden["entropy"] - b.hidden["entropy"]).max() < 1e-3
+    assert np.abs(a.final_normed["entropy"] - b.final_normed["entropy"]).max() < 1e-3
+    for key in ("anisotropy", "norm_ratio", "sigma1_sq", "alpha", "entropy_bound"):
+        np.testing.assert_allclose(a.hidden[key], b.hidden[key], rtol=1e-6, atol=1e-9)
+
+
+def test_spectra_choice_resolves_by_device():
+    import pytest
+
+    from mcr_exit.analysis.collect import spectral_backend_for
+
+    assert spectral_backend_for("auto", "cpu") == "device"
+    assert spectral_backend_for("auto", "cuda") == "estimate"
+    assert spectral_backend_for("exact", "cuda") == "device"
+    assert spectral_backend_for("estimate", "cpu") == "estimate"
+    with pytest.raises(ValueError, match="unknown spectra method"):
+        spectral_backend_for("fast", "cpu")

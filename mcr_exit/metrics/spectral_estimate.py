@@ -1,0 +1,299 @@
+"""Matrix entropy and the top eigenvalues of many Gram matrices from matrix products only.
+
+An exact eigensolver is the slow part of the analysis on a GPU: a 1024 x 1024 symmetric eigenproblem is
+memory- and latency-bound (tridiagonalization), while a forward pass is bound by matrix products. This
+module gets what the analysis needs from the spectrum of rho = G / tr(G) - the entropy
+H = -sum_i lambda_i log lambda_i and the three largest eigenvalues - from batched matrix products:
+
+1. Top eigenpairs by subspace iteration (products of rho with a tall, thin block, shifted Cholesky QR)
+   and Rayleigh-Ritz in float64 (``width`` pairs). Pairs whose residual ||rho v - theta v|| is at most
+   ``tol * theta`` are deflated by projection, in float64: rho_d = (I - V V^T) rho (I - V V^T), which
+   stays positive semidefinite. The three largest Ritz values give sigma_1..3^2 and the anisotropy.
+2. An upper bound s >= ||rho_d||_2 from repeated squaring: ||rho_d^(2^q)||_F^(2^-q) overestimates the
+   largest eigenvalue by at most a factor n^(2^-(q+1)) (1.11 for n = 1024, q = 5).
+3. The sum of f(lambda) = -lambda log lambda over the spectrum of rho_d from its Chebyshev moments
+   tr T_j(2 rho_d / s - I), j = 0..D, which m = D / 2 matrix products give exactly
+   (tr T_2j = 2 ||T_j||_F^2 - n, tr T_2j+1 = 2 <T_j+1, T_j>_F - tr T_1), and the Chebyshev
+   interpolant of -u log u on [0, 1] of degree D: sum f = s * sum_j c_j mu_j - tr(rho_d) log s.
+
+Error terms: (a) interpolation: the interpolant of degree D is within E_D ~ 0.45 / D^2 of -u log u on
+[0, 1] (1.1e-4 at D = 64, ``interpolation_error``), so the deflated part's entropy is within
+s * n * E_D with s <= lambda_(k+1) <= 1 / (k + 1) up to the bound's factor; in practice the signed
+errors cancel and the result is far closer. (b) deflation: projecting out Ritz vectors drops the
+coupling block between the two subspaces, an error of second order in the Ritz residuals (only
+converged pairs are deflated). (c) rounding of the products (``storage``). Tests and
+benchmarks/bench_analysis.py --check measure the total against float64 eigenvalues.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+_TINY = 1e-300
+
+
+@dataclass(frozen=True)
+class SpectrumSummary:
+    """What the analysis needs from a spectrum, per batch row: (B,) tensors, and (B, 3) for ``top``."""
+
+    total: torch.Tensor  # sum of eigenvalues of G (= ||X||_F^2)
+    top: torch.Tensor  # three largest eigenvalues of G, descending
+    entropy: torch.Tensor  # -sum p log p, p = eigenvalues / total, nats
+    deflated: torch.Tensor  # number of Ritz pairs deflated exactly
+    bound: torch.Tensor  # s: upper bound on the largest eigenvalue of the deflated part of rho
+
+
+@lru_cache(maxsize=16)
+def cheb_coefficients(degree: int) -> tuple[float, ...]:
+    """Chebyshev coefficients of g(u) = -u log u, u in [0, 1] (x = 2u - 1), interpolated at Lobatto points."""
+    D = degree
+    fx = []
+    for k in range(D + 1):
+        u = (math.cos(math.pi * k / D) + 1.0) / 2.0
+        fx.append(-u * math.log(u) if u > 0 else 0.0)
+    coeffs = []
+    for j in range(D + 1):
+        acc = sum((0.5 if k in (0, D) else 1.0) * fx[k] * math.cos(math.pi * j * k / D) for k in range(D + 1))
+        coeffs.append(acc * (1.0 if j in (0, D) else 2.0) / D)
+    return tuple(coeffs)
+
+
+def interpolation_error(degree: int) -> float:
+    """Largest |(-u log u) - interpolant| on [0, 1], on a dense grid (log-spaced near 0)."""
+    c = cheb_coefficients(degree)
+    u = torch.cat([torch.logspace(-14, -1, 4000, dtype=torch.float64), torch.linspace(0, 1, 20001, dtype=torch.float64)])
+    x = 2 * u - 1
+    t_prev, t = torch.ones_like(x), x
+    p = c[0] * t_prev + c[1] * t
+    for j in range(2, degree + 1):
+        t_prev, t = t, 2 * x * t - t_prev
+        p = p + c[j] * t
+    return float((p + torch.xlogy(u, u)).abs().max())
+
+
+def _round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round to TensorFloat-32 (10 explicit mantissa bits, nearest-even), kept in float32."""
+    i = x.float().contiguous().view(torch.int32)
+    i = (i + 0x0FFF + ((i >> 13) & 1)) & ~0x1FFF
+    return i.view(torch.float32)
+
+
+def _sym(A: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (A + A.transpose(-1, -2))
+
+
+def _eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh of small symmetric matrices, finishing on the CPU where the GPU's batched Jacobi
+    solver gives up (it can, on nearly rank-deficient Gram matrices of strongly compressed layers)."""
+    C = torch.nan_to_num(C, nan=0.0, posinf=0.0, neginf=0.0)
+    try:
+        return torch.linalg.eigh(C)
+    except torch.linalg.LinAlgError:
+        lam, U = torch.linalg.eigh(C.cpu())
+        return lam.to(C.device), U.to(C.device)
+
+
+def _svqb(Y: torch.Tensor, rcond: float = 1e-14) -> torch.Tensor:
+    """Orthonormal basis of each column space of Y (B, n, w), float64; dependent directions become zero columns.
+
+    SVQB (Stathopoulos and Wu): Y^T Y = U diag(l) U^T, basis = Y U diag(l)^(-1/2). Only a w x w
+    eigenproblem (batched Jacobi on GPUs for w <= 32), no tall QR factorization.
+    """
+    for _ in range(2):
+        C = _sym(Y.transpose(-1, -2) @ Y)
+        lam, U = _eigh(C)
+        good = lam > rcond * lam[..., -1:].clamp(min=_TINY)
+        scale = torch.where(good, lam.clamp(min=_TINY).rsqrt(), torch.zeros_like(lam))
+        Y = Y @ (U * scale[..., None, :])
+    return Y
+
+
+def _cholqr(Y: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    """Orthonormalize the columns of Y (B, n, w) by shifted Cholesky QR; no host synchronization.
+
+    The shift keeps the factorization defined when columns are dependent; the final basis comes from
+    ``_svqb``, which is exact about dependence.
+    """
+    Yd = Y.double()
+    for _ in range(passes):
+        C = Yd.transpose(-1, -2) @ Yd
+        shift = 1e-14 * C.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=_TINY)
+        C = C + shift[:, None, None] * torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+        L = torch.linalg.cholesky_ex(C).L
+        Yd = torch.linalg.solve_triangular(L.transpose(-1, -2), Yd, upper=True, left=False)
+        Yd = torch.nan_to_num(Yd, nan=0.0, posinf=0.0, neginf=0.0)  # a failed factorization loses its block
+    return Yd.to(Y.dtype)
+
+
+def _storage(device: torch.device, storage) -> torch.dtype:
+    if storage is not None:
+        return storage
+    return torch.float16 if device.type == "cuda" else torch.float64
+
+
+class _tf32:
+    """Context: TF32 tensor cores on (True) or off (False) for float32 products on GPUs."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+    """alpha * a @ b - out (when ``out`` is given), in the operands' dtype.
+
+    float32 operands go through TF32 tensor cores on a GPU. On a CPU, float16 and float32 operands are
+    rounded as the tensor cores round them (float32 accumulation), so tests see the GPU's arithmetic.
+    """
+    if a.is_cuda:
+        with _tf32(a.dtype == torch.float32):
+            if out is None:
+                return torch.matmul(a, b) if alpha == 1.0 else torch.matmul(a, b).mul_(alpha)
+            return torch.baddbmm(out, a, b, beta=-1.0, alpha=alpha)
+    if a.dtype == torch.float16:
+        prod = torch.matmul(a.float(), b.float())
+    elif a.dtype == torch.float32:
+        prod = torch.matmul(_round_tf32(a), _round_tf32(b))
+    else:
+        prod = torch.matmul(a, b)
+    res = alpha * prod if out is None else alpha * prod - out.to(prod.dtype)
+    return res.to(a.dtype)
+
+
+def _sq_norm(a: torch.Tensor) -> torch.Tensor:
+    """||a||_F^2 per matrix, accumulated in float32 or better, as float64."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(a, dim=(-2, -1), dtype=acc).double() ** 2
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Frobenius inner product per pair of matrices, accumulated in float32 or better, as float64."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    return (a * b).sum((-2, -1), dtype=acc).double()
+
+
+@lru_cache(maxsize=16)
+def _coefficients_on(degree: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(cheb_coefficients(degree), dtype=torch.float64).to(device)
+
+
+@lru_cache(maxsize=16)
+def _start_block_on(n: int, w: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return _start_block(n, w, seed).to(device, dtype)
+
+
+@lru_cache(maxsize=8)
+def _start_block(n: int, w: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, w, generator=gen, dtype=torch.float64)).Q
+
+
+def estimate_spectrum(
+    gram: torch.Tensor,
+    *,
+    width: int = 32,
+    iterations: int = 16,
+    degree: int = 64,
+    squarings: int = 5,
+    tol: float = 1e-3,
+    storage: torch.dtype | None = None,
+    seed: int = 0,
+) -> SpectrumSummary:
+    """Entropy and the three largest eigenvalues of each PSD matrix in ``gram`` (B, n, n).
+
+    Args:
+        width: Ritz pairs computed by subspace iteration (the converged ones are deflated).
+        iterations: subspace iterations, each a product with rho and an orthonormalization.
+        degree: even degree D of the Chebyshev interpolant (D / 2 - 1 products of n x n matrices).
+        squarings: squarings of rho_d for the bound s.
+        tol: a Ritz pair is deflated when its residual is at most tol * theta.
+        storage: dtype of the n x n matrices of steps 2-3: float16 (default on GPUs: tensor cores,
+            float32 accumulation), float32 (TF32 tensor cores) or float64 (default on CPUs).
+    """
+    if gram.dim() == 2:
+        gram = gram.unsqueeze(0)
+    B, n, _ = gram.shape
+    if degree < 2 or degree % 2:
+        raise ValueError(f"degree must be even and >= 2, got {degree}")
+    f64, dev = torch.float64, gram.device
+    sd = _storage(dev, storage)
+    wd = torch.float64 if sd == torch.float64 else torch.float32  # working dtype of rho and the thin blocks
+    total = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=f64)
+    rho64 = gram.to(f64) / total.clamp(min=_TINY)[:, None, None]
+    rho = rho64.to(wd)
+
+    with _tf32(False):
+        # 1. top eigenpairs: subspace iteration (thin products with rho in the working dtype), then
+        #    Rayleigh-Ritz and the deflation in float64, so that a tail far below a massive direction
+        #    keeps its own precision (the Gram matrix is accurate entry by entry; rounding the
+        #    subtraction at the scale of the top eigenvalue would not be)
+        w = min(width, n)
+        Q = _start_block_on(n, w, seed, dev, wd).expand(B, n, w)
+        for _ in range(iterations):
+            Q = _cholqr(rho @ Q)
+        del rho
+        Q = _svqb(Q.double())
+        RQ = rho64 @ Q
+        theta, W = _eigh(_sym(Q.transpose(-1, -2) @ RQ))
+        theta, W = theta.flip(-1), W.flip(-1)
+        V, C = Q @ W, RQ @ W  # Ritz vectors and rho V
+        residual = torch.linalg.vector_norm(C - V * theta[:, None, :], dim=-2)
+        real = torch.linalg.vector_norm(V, dim=-2) > 0.5  # not a zero column of a dependent block
+        keep = real & (theta > 0) & (residual <= tol * theta)
+        top_all = theta.clamp(min=0) * real
+        th = top_all * keep
+        V, C = V * keep[:, None, :], C * keep[:, None, :]
+        # (I - VV^T) rho (I - VV^T) = rho + [V, -C] [theta V^T - C^T; V^T]  (V^T rho V = diag(theta))
+        left = torch.cat([V, -C], -1)
+        right = torch.cat([th[:, :, None] * V.transpose(-1, -2) - C.transpose(-1, -2), V.transpose(-1, -2)], -2)
+        rho_d = torch.baddbmm(rho64, left, right)
+    del rho64, RQ, C, left, right
+    tr_d = rho_d.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+    # 2. s >= ||rho_d||_2 by repeated squaring, normalized at each step to stay in range
+    nrm = _sq_norm(rho_d).sqrt().clamp(min=_TINY)
+    S = (rho_d / nrm[:, None, None]).to(sd)
+    log_norm = torch.log(nrm)
+    for _ in range(squarings):
+        S = _mm(S, S)
+        nrm = _sq_norm(S).sqrt().clamp(min=_TINY)
+        S = S / nrm.to(sd)[:, None, None]
+        log_norm = 2 * log_norm + torch.log(nrm)
+    del S
+    s = (torch.exp(log_norm / 2**squarings) * 1.02).clamp(min=_TINY)
+
+    # 3. Chebyshev moments of A = 2 Bm - I, Bm = rho_d / s (spectrum in [0, 1))
+    m = degree // 2
+    Bm = (rho_d / s[:, None, None]).to(sd)
+    del rho_d
+    mu = [torch.full_like(s, float(n)), 2 * tr_d / s - n]
+    tr1 = mu[1]
+    eye = torch.eye(n, dtype=sd, device=dev)
+    T_prev, T = eye.expand(B, n, n), 2 * Bm - eye
+    for j in range(1, m + 1):
+        mu.append(2 * _sq_norm(T) - n)  # tr T_2j
+        if j < m:
+            T_next = _mm(Bm, T, out=T_prev, alpha=4.0).sub_(T, alpha=2)  # 2 A T_j - T_{j-1}
+            mu.append(2 * _dot(T_next, T) - tr1)  # tr T_2j+1
+            T_prev, T = T, T_next
+    del T_prev, T, Bm
+    c = _coefficients_on(degree, dev)
+    h_rest = s * (torch.stack(mu, -1) * c).sum(-1) - tr_d * torch.log(s)
+    # a remainder below 1e-12 (relative to the trace) is rounding: its entropy is under n * 3e-11
+    h_rest = torch.where(s > 1e-12, h_rest, torch.zeros_like(h_rest))
+    entropy = -torch.xlogy(th, th).sum(-1) + h_rest
+    entropy = torch.where(total > 0, entropy, torch.zeros_like(entropy))
+    top = torch.zeros(B, 3, dtype=f64, device=dev)
+    k3 = min(3, w)
+    top[:, :k3] = top_all[:, :k3] * total[:, None]
+    return SpectrumSummary(total=total, top=top, entropy=entropy, deflated=keep.sum(-1), bound=s)
