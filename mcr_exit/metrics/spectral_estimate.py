@@ -203,7 +203,7 @@ def estimate_spectrum(
     *,
     width: int = 32,
     iterations: int = 16,
-    degree: int = 64,
+    degree: int = 48,
     squarings: int = 5,
     tol: float = 1e-3,
     storage: torch.dtype | None = None,
