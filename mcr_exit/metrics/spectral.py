@@ -24,6 +24,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from mcr_exit.metrics.spectral_estimate import tf32
+
 _EPS = 1e-30
 
 
@@ -97,12 +99,8 @@ def spectral_terms(
     row_sq = (Xc * Xc).sum(-1, dtype=compute_dtype)  # (B, T)
     dots = torch.einsum("btd,bd->bt", Xc[:, 1:], Xc[:, 0]).to(compute_dtype)
     exact_tf32 = Xc.is_cuda and work_dtype == torch.float32 and X.dtype in (torch.bfloat16, torch.float16)
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = prev or exact_tf32
-    try:
+    with tf32(torch.backends.cuda.matmul.allow_tf32 or exact_tf32):
         gram = Xc @ Xc.transpose(1, 2) if T <= d else Xc.transpose(1, 2) @ Xc
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
     return _terms(row_sq, dots, lengths, d), gram
 
 

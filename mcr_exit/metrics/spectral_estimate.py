@@ -112,20 +112,19 @@ def _svqb(Y: torch.Tensor, rcond: float = 1e-14) -> torch.Tensor:
     return Y
 
 
-def _cholqr(Y: torch.Tensor, passes: int = 1) -> torch.Tensor:
+def _cholqr(Y: torch.Tensor) -> torch.Tensor:
     """Orthonormalize the columns of Y (B, n, w) by shifted Cholesky QR; no host synchronization.
 
     The shift keeps the factorization defined when columns are dependent; the final basis comes from
     ``_svqb``, which is exact about dependence.
     """
     Yd = Y.double()
-    for _ in range(passes):
-        C = Yd.transpose(-1, -2) @ Yd
-        shift = 1e-14 * C.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=_TINY)
-        C = C + shift[:, None, None] * torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
-        L = torch.linalg.cholesky_ex(C).L
-        Yd = torch.linalg.solve_triangular(L.transpose(-1, -2), Yd, upper=True, left=False)
-        Yd = torch.nan_to_num(Yd, nan=0.0, posinf=0.0, neginf=0.0)  # a failed factorization loses its block
+    C = Yd.transpose(-1, -2) @ Yd
+    shift = 1e-14 * C.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=_TINY)
+    C = C + shift[:, None, None] * torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
+    L = torch.linalg.cholesky_ex(C).L
+    Yd = torch.linalg.solve_triangular(L.transpose(-1, -2), Yd, upper=True, left=False)
+    Yd = torch.nan_to_num(Yd, nan=0.0, posinf=0.0, neginf=0.0)  # a failed factorization loses its block
     return Yd.to(Y.dtype)
 
 
@@ -135,7 +134,7 @@ def _storage(device: torch.device, storage) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float64
 
 
-class _tf32:
+class tf32:
     """Context: TF32 tensor cores on (True) or off (False) for float32 products on GPUs."""
 
     def __init__(self, on: bool):
@@ -156,7 +155,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, alpha
     rounded as the tensor cores round them (float32 accumulation), so tests see the GPU's arithmetic.
     """
     if a.is_cuda:
-        with _tf32(a.dtype == torch.float32):
+        with tf32(a.dtype == torch.float32):
             if out is None:
                 return torch.matmul(a, b) if alpha == 1.0 else torch.matmul(a, b).mul_(alpha)
             return torch.baddbmm(out, a, b, beta=-1.0, alpha=alpha)
@@ -188,14 +187,10 @@ def _coefficients_on(degree: int, device: torch.device) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def _start_block_on(n: int, w: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return _start_block(n, w, seed).to(device, dtype)
-
-
-@lru_cache(maxsize=8)
-def _start_block(n: int, w: int, seed: int) -> torch.Tensor:
+def _start_block(n: int, w: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The fixed orthonormal start block of the subspace iteration (kept on the device between calls)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.linalg.qr(torch.randn(n, w, generator=gen, dtype=torch.float64)).Q
+    return torch.linalg.qr(torch.randn(n, w, generator=gen, dtype=torch.float64)).Q.to(device, dtype)
 
 
 def estimate_spectrum(
@@ -232,13 +227,13 @@ def estimate_spectrum(
     rho64 = gram.to(f64) / total.clamp(min=_TINY)[:, None, None]
     rho = rho64.to(wd)
 
-    with _tf32(False):
+    with tf32(False):
         # 1. top eigenpairs: subspace iteration (thin products with rho in the working dtype), then
         #    Rayleigh-Ritz and the deflation in float64, so that a tail far below a massive direction
         #    keeps its own precision (the Gram matrix is accurate entry by entry; rounding the
         #    subtraction at the scale of the top eigenvalue would not be)
         w = min(width, n)
-        Q = _start_block_on(n, w, seed, dev, wd).expand(B, n, w)
+        Q = _start_block(n, w, seed, dev, wd).expand(B, n, w)
         for _ in range(iterations):
             Q = _cholqr(rho @ Q)
         del rho
