@@ -10,6 +10,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter (set before Triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.tiny import FAMILIES, build_tiny_model, build_tokenizer  # noqa: E402
 

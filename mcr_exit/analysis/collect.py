@@ -23,6 +23,7 @@ HEAD_METRICS = ("sink_score", "mixing_score", "colsum_concentration", "diag_scor
 SPECTRAL_BACKENDS = ("device", "device-threads", "cpu-pool", "estimate")
 SPECTRA_METHODS = ("auto", "exact", "estimate")
 ESTIMATE_MIN_SIZE = 256  # below this Gram size exact eigenvalues cost little anywhere
+MAX_UNFINISHED = 2  # batches whose statistics may still be in flight (host memory and latency bound)
 
 
 def spectral_backend_for(spectra: str, device: torch.device | str) -> str:
@@ -57,32 +58,66 @@ class SpectralReducer:
         chunk = self.estimate_options.pop("chunk", chunk)
         self.backend, self.dtype, self.chunk = backend, dtype, chunk
         self.pool = ThreadPoolExecutor(workers) if backend in ("device-threads", "cpu-pool") else None
-        self.pending: list[Future] = []
-        self.waiting: list[tuple[dict, torch.Tensor, Callable[[SpectralStats], None]]] = []
+        self.side: ThreadPoolExecutor | None = None  # the estimate's worker thread (GPUs)
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        # Work is counted in units (one per ``submit``). ``waiting`` holds Gram matrices not yet estimated,
+        # ``pending`` the jobs under way as (first unit, last unit + 1, future); ``ready(t)`` says whether
+        # units 0..t-1 are finished, so that a batch can be read out while later batches still run.
+        self.submitted = 0
+        self.pending: list[tuple[int, int, Future]] = []
+        self.waiting: list[tuple[dict, torch.Tensor, Callable[[SpectralStats], None], int]] = []
 
-    def _flush_estimates(self) -> None:
+    def _estimate(self, waiting: list) -> None:
         by_shape: dict[tuple, list[int]] = {}
-        for n, (_, gram, _) in enumerate(self.waiting):
+        for n, (_, gram, _, _) in enumerate(waiting):
             by_shape.setdefault((gram.shape[-1], gram.device), []).append(n)
         for idx in by_shape.values():
-            summary = estimate_spectrum(torch.cat([self.waiting[n][1] for n in idx]), **self.estimate_options)
-            terms = {k: torch.cat([self.waiting[n][0][k] for n in idx]) for k in self.waiting[idx[0]][0]}
+            summary = estimate_spectrum(torch.cat([waiting[n][1] for n in idx]), **self.estimate_options)
+            terms = {k: torch.cat([waiting[n][0][k] for n in idx]) for k in waiting[idx[0]][0]}
             allstats = finish_spectral(terms, summary).as_dict()  # once for the chunk, then sliced per layer
             offset = 0
             for n in idx:
-                rows = slice(offset, offset + self.waiting[n][1].shape[0])
+                rows = slice(offset, offset + waiting[n][1].shape[0])
                 offset = rows.stop
-                self.waiting[n][2](SpectralStats(**{k: v[rows] for k, v in allstats.items()}))
-        self.waiting.clear()
+                waiting[n][2](SpectralStats(**{k: v[rows] for k, v in allstats.items()}))
+
+    def _flush_estimates(self) -> None:
+        """Estimate the waiting Gram matrices: inline on CPUs; on a GPU in a worker thread on its own CUDA
+        stream, so that the estimate's host work and its few synchronizations (small eigenproblems) overlap
+        the next layers' forward pass instead of draining the GPU's queue."""
+        waiting, self.waiting = self.waiting, []
+        if not waiting[0][1].is_cuda:
+            self._estimate(waiting)
+            return
+        if self.side is None:
+            self.side = ThreadPoolExecutor(1, thread_name_prefix="mcr-spectra")
+        device = waiting[0][1].device
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(device))
+
+        def work() -> None:
+            stream = self.streams.setdefault(device, torch.cuda.Stream(device=device))
+            stream.wait_event(ready)
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for terms, gram, _, _ in waiting:  # made on the main stream, read on this one
+                    gram.record_stream(stream)
+                    for v in terms.values():
+                        v.record_stream(stream)
+                self._estimate(waiting)
+            stream.synchronize()  # the results are complete before the main thread reads them
+
+        self.pending.append((waiting[0][3], waiting[-1][3] + 1, self.side.submit(work)))
 
     def submit(self, h: torch.Tensor, lengths: torch.Tensor, store: Callable[[SpectralStats], None]) -> None:
+        unit = self.submitted
+        self.submitted += 1
         if self.backend == "estimate":
             T, d = h.shape[-2], h.shape[-1]
             if min(T, d) >= ESTIMATE_MIN_SIZE:
                 terms, gram = spectral_terms(h, lengths.to(h.device), compute_dtype=self.dtype,
                                              gram_dtype=torch.float32)
-                self.waiting.append((terms, gram, store))
-                if sum(g.shape[0] for _, g, _ in self.waiting) >= self.chunk:
+                self.waiting.append((terms, gram, store, unit))
+                if sum(w[1].shape[0] for w in self.waiting) >= self.chunk:
                     self._flush_estimates()
                 return
         terms, gram = spectral_terms(h, lengths.to(h.device), compute_dtype=self.dtype)
@@ -108,7 +143,7 @@ class SpectralReducer:
                 stream.synchronize()
                 store(result)
 
-            self.pending.append(self.pool.submit(on_stream))
+            self.pending.append((unit, unit + 1, self.pool.submit(on_stream)))
             return
         terms = {k: v.cpu() for k, v in terms.items()}
         gram = gram.cpu().numpy()
@@ -117,19 +152,36 @@ class SpectralReducer:
             eig = torch.from_numpy(np.linalg.eigvalsh(gram)[..., ::-1].clip(min=0).copy())
             store(finish_spectral(terms, eig))
 
-        self.pending.append(self.pool.submit(work))
+        self.pending.append((unit, unit + 1, self.pool.submit(work)))
+
+    def ticket(self) -> int:
+        """A mark for all work submitted so far (``ready`` takes it)."""
+        return self.submitted
+
+    def ready(self, ticket: int, wait: bool = False) -> bool:
+        """Whether the statistics of every unit before ``ticket`` have been stored; with ``wait``, make it so
+        (estimating Gram matrices still waiting for a full chunk). A failed job raises here."""
+        if self.waiting and self.waiting[0][3] < ticket:
+            if not wait:
+                return False
+            self._flush_estimates()
+        for start, _, f in self.pending:
+            if start < ticket and not (wait or f.done()):
+                return False
+        for start, _, f in self.pending:
+            if start < ticket:
+                f.result()
+        self.pending = [p for p in self.pending if p[1] > ticket]
+        return True
 
     def drain(self) -> None:
-        if self.waiting:
-            self._flush_estimates()
-        for f in self.pending:
-            f.result()
-        self.pending.clear()
+        self.ready(self.submitted, wait=True)
 
     def close(self) -> None:
         self.drain()
-        if self.pool is not None:
-            self.pool.shutdown()
+        for pool in (self.pool, self.side):
+            if pool is not None:
+                pool.shutdown()
 
 
 @dataclass(kw_only=True)
@@ -183,7 +235,7 @@ class _BatchBuffer:
             if col is None:
                 target[key][rows] = host[n]
             else:
-                target[key][rows, col] = host[n]
+                target[key][np.ix_(rows, col) if isinstance(col, list) else (rows, col)] = host[n]
         self.items.clear()
 
 
@@ -213,39 +265,55 @@ def collect_statistics(
     pad = pad_id_of(loaded.tokenizer)
     device = loaded.input_device
     reducer = SpectralReducer(spectral_backend, spectral_dtype, estimate_options=spectral_options)
-    buffer = _BatchBuffer()
+    # Batches whose statistics are still being computed (spectra in a worker thread): each is read out
+    # once ``reducer.ready`` says so, so the spectra of one batch overlap the next batch's forward pass.
+    unfinished: list[tuple[list[int], _BatchBuffer, int]] = []
+
+    def read_out(wait: bool) -> None:
+        while unfinished:
+            rows, buf, ticket = unfinished[0]
+            if not reducer.ready(ticket, wait=wait or len(unfinished) > MAX_UNFINISHED):
+                return
+            buf.flush(rows)
+            unfinished.pop(0)
+            if progress is not None:
+                progress(len(rows))
+
     for batch in length_batches([len(x) for x in ids], max_tokens, max_batch):
         input_ids, mask = collate([ids[i] for i in batch], pad, device)
         lengths = mask.sum(1)
+        buffer = _BatchBuffer()
 
-        def on_hidden(i: int, h: torch.Tensor) -> None:
+        def on_hidden(i: int, h: torch.Tensor, buffer: _BatchBuffer = buffer) -> None:
             def store(s: SpectralStats) -> None:
                 for key, val in s.as_dict().items():
                     buffer.add(stats.hidden, key, (N, L + 1), i, val)
 
             reducer.submit(h, lengths, store)
 
-        def on_attention(j: int, a: AttentionStats) -> None:
-            for key, val in summarize_heads(a, tau).items():
-                buffer.add(stats.attention, key, (N, L), j, val)
-            H = a.sink_score.shape[1]
-            for key in HEAD_METRICS:
-                buffer.add(stats.heads, key, (N, L, H), j, getattr(a, key))
-
-        with collect_attention_stats(adapter, lengths, on_attention, method=attention_method):
+        layers: dict[int, AttentionStats] = {}
+        with collect_attention_stats(adapter, lengths, layers.__setitem__, method=attention_method):
             final = run_blocks(adapter, input_ids, mask, on_hidden)
+        if layers:  # all layers' head statistics summarized at once, not layer by layer
+            js = sorted(layers)
+            cols = slice(js[0], js[-1] + 1) if js == list(range(js[0], js[-1] + 1)) else js
+            heads = AttentionStats(**{key: torch.stack([getattr(layers[j], key) for j in js], 1)
+                                      for key in HEAD_METRICS})  # (B, layers, H)
+            for key, val in summarize_heads(heads, tau).items():
+                buffer.add(stats.attention, key, (N, L), cols, val)
+            for key in HEAD_METRICS:
+                buffer.add(stats.heads, key, (N, L, heads.sink_score.shape[2]), cols, getattr(heads, key))
         if final is not None:
 
-            def store_final(s: SpectralStats) -> None:
+            def store_final(s: SpectralStats, buffer: _BatchBuffer = buffer) -> None:
                 for key in ("entropy", "entropy_norm", "anisotropy", "bos_norm", "other_norm", "norm_ratio"):
                     buffer.add(stats.final_normed, key, (N,), None, getattr(s, key))
 
             reducer.submit(final, lengths, store_final)
-        reducer.drain()
-        buffer.flush(batch)
-        if progress is not None:
-            progress(len(batch))
+        unfinished.append((batch, buffer, reducer.ticket()))
+        read_out(wait=False)
     reducer.close()
+    read_out(wait=True)
     if stats.heads:
         stats.n_heads = next(iter(stats.heads.values())).shape[2]
     return stats

@@ -33,6 +33,8 @@ from functools import lru_cache
 
 import torch
 
+from mcr_exit.metrics.cheb_step import _round_tf32, cheb_step, tf32  # noqa: F401 (tf32 is used by spectral.py)
+
 _TINY = 1e-300
 
 
@@ -73,13 +75,6 @@ def interpolation_error(degree: int) -> float:
         t_prev, t = t, 2 * x * t - t_prev
         p = p + c[j] * t
     return float((p + torch.xlogy(u, u)).abs().max())
-
-
-def _round_tf32(x: torch.Tensor) -> torch.Tensor:
-    """Round to TensorFloat-32 (10 explicit mantissa bits, nearest-even), kept in float32."""
-    i = x.float().contiguous().view(torch.int32)
-    i = (i + 0x0FFF + ((i >> 13) & 1)) & ~0x1FFF
-    return i.view(torch.float32)
 
 
 def _sym(A: torch.Tensor) -> torch.Tensor:
@@ -134,51 +129,15 @@ def _storage(device: torch.device, storage) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float64
 
 
-class tf32:
-    """Context: TF32 tensor cores on (True) or off (False) for float32 products on GPUs."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.on
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.prev
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
-    """alpha * a @ b - out (when ``out`` is given), in the operands' dtype.
-
-    float32 operands go through TF32 tensor cores on a GPU. On a CPU, float16 and float32 operands are
-    rounded as the tensor cores round them (float32 accumulation), so tests see the GPU's arithmetic.
-    """
-    if a.is_cuda:
-        with tf32(a.dtype == torch.float32):
-            if out is None:
-                return torch.matmul(a, b) if alpha == 1.0 else torch.matmul(a, b).mul_(alpha)
-            return torch.baddbmm(out, a, b, beta=-1.0, alpha=alpha)
-    if a.dtype == torch.float16:
-        prod = torch.matmul(a.float(), b.float())
-    elif a.dtype == torch.float32:
-        prod = torch.matmul(_round_tf32(a), _round_tf32(b))
-    else:
-        prod = torch.matmul(a, b)
-    res = alpha * prod if out is None else alpha * prod - out.to(prod.dtype)
-    return res.to(a.dtype)
-
-
 def _sq_norm(a: torch.Tensor) -> torch.Tensor:
     """||a||_F^2 per matrix, accumulated in float32 or better, as float64."""
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     return torch.linalg.vector_norm(a, dim=(-2, -1), dtype=acc).double() ** 2
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Frobenius inner product per pair of matrices, accumulated in float32 or better, as float64."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return (a * b).sum((-2, -1), dtype=acc).double()
+def _scaled(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x * scale (one factor per matrix), computed in x's dtype and written in ``dtype``: one pass."""
+    return torch.mul(x, scale[:, None, None], out=torch.empty(x.shape, dtype=dtype, device=x.device))
 
 
 @lru_cache(maxsize=16)
@@ -198,11 +157,12 @@ def estimate_spectrum(
     *,
     width: int = 32,
     iterations: int = 16,
-    degree: int = 48,
+    degree: int = 32,
     squarings: int = 5,
     tol: float = 1e-3,
     storage: torch.dtype | None = None,
     seed: int = 0,
+    fused: bool | None = None,
 ) -> SpectrumSummary:
     """Entropy and the three largest eigenvalues of each PSD matrix in ``gram`` (B, n, n).
 
@@ -224,7 +184,11 @@ def estimate_spectrum(
     sd = _storage(dev, storage)
     wd = torch.float64 if sd == torch.float64 else torch.float32  # working dtype of rho and the thin blocks
     total = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=f64)
-    rho64 = gram.to(f64) / total.clamp(min=_TINY)[:, None, None]
+    # rho in float64 and exactly symmetric: a product X X^T is not, to its last bits, and the deflation
+    # formula below assumes symmetry (an antisymmetric residue would not be PSD, and Chebyshev steps
+    # outside [-1, 1] diverge)
+    rho64 = gram / (2 * total.clamp(min=_TINY))[:, None, None]  # float64 by type promotion
+    rho64 = rho64 + rho64.transpose(-1, -2)
     rho = rho64.to(wd)
 
     with tf32(False):
@@ -255,37 +219,46 @@ def estimate_spectrum(
     del rho64, RQ, C, left, right
     tr_d = rho_d.diagonal(dim1=-2, dim2=-1).sum(-1)
 
-    # 2. s >= ||rho_d||_2 by repeated squaring, normalized at each step to stay in range
+    # 2. s >= ||rho_d||_2 by repeated squaring. S_k+1 = S_k S_k / ||S_k||^2 stays in range; with
+    #    rho_d^(2^k) = exp(log_scale) S_k, log_scale doubles and gains log ||S_k||^2 at each step
     nrm = _sq_norm(rho_d).sqrt().clamp(min=_TINY)
-    S = (rho_d / nrm[:, None, None]).to(sd)
-    log_norm = torch.log(nrm)
-    for _ in range(squarings):
-        S = _mm(S, S)
-        nrm = _sq_norm(S).sqrt().clamp(min=_TINY)
-        S = S / nrm.to(sd)[:, None, None]
-        log_norm = 2 * log_norm + torch.log(nrm)
-    del S
-    s = (torch.exp(log_norm / 2**squarings) * 1.02).clamp(min=_TINY)
+    S = _scaled(rho_d, 1.0 / nrm, sd)
+    log_scale = torch.log(nrm)
+    sq = _sq_norm(S).clamp(min=_TINY)
+    with tf32(sd == torch.float32):
+        for _ in range(squarings):
+            S, sq_next, _ = cheb_step(S, S, None, (1.0 / sq).float(), 0.0, fused=fused)
+            log_scale = 2 * log_scale + torch.log(sq)
+            sq = sq_next.clamp(min=_TINY)
+        del S
+        s = (torch.exp((log_scale + 0.5 * torch.log(sq)) / 2**squarings) * 1.02).clamp(min=_TINY)
 
-    # 3. Chebyshev moments of A = 2 Bm - I, Bm = rho_d / s (spectrum in [0, 1))
-    m = degree // 2
-    Bm = (rho_d / s[:, None, None]).to(sd)
-    del rho_d
-    mu = [torch.full_like(s, float(n)), 2 * tr_d / s - n]
-    tr1 = mu[1]
-    eye = torch.eye(n, dtype=sd, device=dev)
-    T_prev, T = eye.expand(B, n, n), 2 * Bm - eye
-    for j in range(1, m + 1):
-        mu.append(2 * _sq_norm(T) - n)  # tr T_2j
-        if j < m:
-            T_next = _mm(Bm, T, out=T_prev, alpha=4.0).sub_(T, alpha=2)  # 2 A T_j - T_{j-1}
-            mu.append(2 * _dot(T_next, T) - tr1)  # tr T_2j+1
+        # 3. Chebyshev moments of A = 2 Bm - I, Bm = rho_d / s (spectrum in [0, 1)):
+        #    T_j+1 = 2 A T_j - T_j-1 = 4 Bm T_j - 2 T_j - T_j-1, each step also giving ||T_j+1||^2 and <T_j+1, T_j>
+        m = degree // 2
+        Bm = _scaled(rho_d, 1.0 / s, sd)
+        del rho_d
+        eye = torch.eye(n, dtype=sd, device=dev)[None]
+        T_prev, T = eye, 2 * Bm - eye
+        tr1 = 2 * tr_d / s - n
+        mu = [torch.full_like(s, float(n)), tr1, 2 * _sq_norm(T) - n]
+        four = torch.full((B,), 4.0, device=dev)
+        sqs, dots = [], []
+        for _ in range(1, m):
+            T_next, sq_j, dot_j = cheb_step(Bm, T, T_prev, four, -2.0, fused=fused)
+            dots.append(dot_j)
+            sqs.append(sq_j)
             T_prev, T = T, T_next
-    del T_prev, T, Bm
+        del T_prev, T, Bm
+    if sqs:  # tr T_2j+1 = 2 <T_j+1, T_j> - tr T_1 and tr T_2j+2 = 2 ||T_j+1||^2 - n, j = 1..m-1
+        odd_even = torch.stack([2 * torch.stack(dots, -1) - tr1[:, None], 2 * torch.stack(sqs, -1) - n], -1)
+        mu.append(odd_even.flatten(-2))
+    mu = torch.cat([torch.stack(mu[:3], -1), *mu[3:]], -1)
     c = _coefficients_on(degree, dev)
-    h_rest = s * (torch.stack(mu, -1) * c).sum(-1) - tr_d * torch.log(s)
-    # a remainder below 1e-12 (relative to the trace) is rounding: its entropy is under n * 3e-11
-    h_rest = torch.where(s > 1e-12, h_rest, torch.zeros_like(h_rest))
+    h_rest = s * (mu * c).sum(-1) - tr_d * torch.log(s)
+    # a remainder below 1e-12 (relative to the trace) is rounding: its entropy is under n * 3e-11; with
+    # all n pairs deflated there is no remainder
+    h_rest = torch.where((s > 1e-12) & (keep.sum(-1) < n), h_rest, torch.zeros_like(h_rest))
     entropy = -torch.xlogy(th, th).sum(-1) + h_rest
     entropy = torch.where(total > 0, entropy, torch.zeros_like(entropy))
     top = torch.zeros(B, 3, dtype=f64, device=dev)

@@ -102,15 +102,15 @@ def stats_attention_forward(
         raise NotImplementedError("attention with learned sink logits (gpt-oss) is not supported yet")
     B, H, T, dh = query.shape
     Tk = key.shape[2]
+    scale = dh**-0.5 if scaling is None else scaling
+    if _use_fused(collector, block, query, key, softcap, kwargs):  # grouped key/value heads read in place
+        out, stats = fused_attention_stats(query, key, value, scale, collector.lengths)
+        collector.on_stats(block, stats)
+        return out.transpose(1, 2).contiguous(), None
     groups = H // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
-    scale = dh**-0.5 if scaling is None else scaling
-    if _use_fused(collector, block, query, key, softcap, kwargs):
-        out, stats = fused_attention_stats(query, key, value, scale, collector.lengths)
-        collector.on_stats(block, stats)
-        return out.transpose(1, 2).contiguous(), None
     out = torch.empty(B, H, T, value.shape[-1], dtype=value.dtype, device=value.device)
     acc = HeadStatsAccumulator(collector.lengths, H, Tk, device=query.device)
     rows = max(1, min(T, CHUNK_BYTES // max(1, B * H * Tk * 4)))

@@ -6,12 +6,12 @@ For causal attention with scores s_tj = scale * q_t . k_j and lse_t = log sum_j 
 * H(A[t, :]) = lse_t - sum_j A_tj s_tj = -log A[t, 0] - scale * q_t . sum_j A_tj (k_j - k_0):
   the sum is an attention output with values k_j - k_0 (centred on the BOS key, so that a sink
   row, whose output is near 0, keeps its precision in half-precision kernels);
-* column sums sum_t A[t, j] = exp(LSE over t >= j of (s_tj - lse_t)): an attention of keys over
-  queries, made causal by reversing the sequence, with -lse_t folded into two extra feature columns
-  (a high and a low half-precision part, so the fold costs no precision).
+* column sums sum_t A[t, j] = exp(LSE over t >= j of (s_tj - lse_t)): an anti-causal attention of
+  keys over queries (a one-sided window in flash attention), with -lse_t folded into two extra
+  feature columns (a high and a low half-precision part, so the fold costs no precision).
 
-Each quantity is one fused attention call (flash attention on CUDA) or a cheap row-wise product;
-memory stays O(B H T d). A plain matmul reference implements the same primitive on the CPU, so the
+Each quantity is one fused attention call (flash attention on CUDA, grouped-query heads read in
+place) or a cheap row-wise product; memory stays O(B H T d). A plain matmul reference implements the same primitive on the CPU, so the
 algebra is tested everywhere and only the kernel call is GPU-specific.
 """
 
@@ -20,64 +20,108 @@ from __future__ import annotations
 import torch
 
 from mcr_exit.metrics.attention import AttentionStats
+from mcr_exit.models import fused_attention_kernels as fak
 
 
-def _reference_lse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, Hkv, T, d) -> (B, heads, T, d): query head h reads key/value head h // (heads / Hkv)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def _reference_lse_attention(q, k, v, scale: float, reverse: bool):
     T = q.shape[2]
+    k, v = _expand_heads(k, q.shape[1]), _expand_heads(v, q.shape[1])
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    allowed = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device)
+    allowed = allowed.triu() if reverse else allowed.tril()
+    scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.exp(scores - lse[..., None]), v.float()).to(v.dtype)
     return out, lse
 
 
-def lse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """Causal attention returning (output (B, H, T, dv), logsumexp (B, H, T) float32, natural log)."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            q.contiguous(), k.contiguous(), v.contiguous(), 0.0, True, False, scale=scale
-        )[:2]
-        return out, lse[..., : q.shape[2]]
-    return _reference_lse_attention(q, k, v, scale)
+def _flash_ok(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0
+
+
+def lse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, reverse: bool = False):
+    """Attention returning (output (B, H, T, dv), logsumexp (B, H, T) float32, natural log).
+
+    q is (B, H, T, d); k and v may have fewer heads (grouped-query attention: H a multiple of theirs).
+    Causal (row t reads keys j <= t), or with ``reverse`` anti-causal (row t reads keys j >= t).
+    On CUDA this is one flash-attention call on the (B, T, H, d) layout the model already holds (no copy,
+    no head expansion; the anti-causal mask is a one-sided window); elsewhere a plain matmul reference.
+    """
+    if not _flash_ok(q):
+        return _reference_lse_attention(q, k, v, scale, reverse)
+    T, Tk = q.shape[2], k.shape[2]
+
+    def btd(x):  # (B, H, T, d) view -> (B, T, H, d) with a unit last stride, as flash attention wants
+        x = x.transpose(1, 2)
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    window = dict(window_size_left=0, window_size_right=-1) if reverse else {}
+    out, lse = torch.ops.aten._flash_attention_forward(
+        btd(q), btd(k), btd(v), None, None, T, Tk, 0.0, not reverse, False, scale=scale, **window
+    )[:2]
+    return out.transpose(1, 2), lse[..., :T]
 
 
 def _row_dots(q: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
     """(B, H, T, len(others)) float32: q_t . x_t for each x in ``others``, products accumulated in float32.
 
-    On CUDA in half precision: one batched product with float32 output (no float32 copies of q);
-    elsewhere in float32.
+    Each x is (B, Hx, T or 1, d) with H a multiple of Hx (grouped heads share x). On CUDA in half
+    precision: one batched product with float32 output (no float32 copies of q); elsewhere in float32.
     """
+    B, H, T, d = q.shape
+    Hkv = min(x.shape[1] for x in others)
+    G = H // Hkv
+
+    def five(x):  # (B, Hx, Tx, d) -> broadcastable (B, Hkv, G or 1, Tx, d)
+        return x.unflatten(1, (Hkv, G)) if x.shape[1] == H else x.unsqueeze(2)
+
+    q5 = q.unflatten(1, (Hkv, G))
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         try:
-            B, H, T, d = q.shape
-            stacked = torch.stack(others, dim=-1).reshape(B * H * T, d, len(others))
-            out = torch.bmm(q.reshape(B * H * T, 1, d), stacked, out_dtype=torch.float32)
+            stacked = torch.stack([five(x).expand(B, Hkv, G, T, d) for x in others], dim=-1)
+            out = torch.bmm(q5.reshape(B * H * T, 1, d), stacked.reshape(B * H * T, d, len(others)),
+                            out_dtype=torch.float32)
             return out.reshape(B, H, T, len(others))
         except (TypeError, RuntimeError):  # a torch without bmm(out_dtype=...)
             pass
-    qf = q.float()
-    return torch.stack([(qf * x.float()).sum(-1) for x in others], dim=-1)
+    qf = q5.float()
+    return torch.stack([(qf * five(x).float()).sum(-1) for x in others], dim=-1).flatten(1, 2)
 
 
-def _pad_features(x: torch.Tensor, extra: list[torch.Tensor]) -> torch.Tensor:
-    """Append feature columns, then zero-pad to a multiple of 8 (flash attention's head size rule)."""
-    cols = [x, *[e.unsqueeze(-1).to(x.dtype) for e in extra]]
-    width = x.shape[-1] + len(extra)
+def _augment(x: torch.Tensor, heads: int, extra: list[torch.Tensor]) -> torch.Tensor:
+    """(B, Hx, T, d) -> (B, heads, T, d') with feature columns ``extra`` appended ((B, heads, T) each, or
+    scalars), zero-padded to a multiple of 8 (flash attention's head size rule); heads expanded in the
+    same single copy. Built in the (B, T, H, d') layout and returned as a (B, H, T, d') view."""
+    B, Hx, T, d = x.shape
+    G = heads // Hx
+    width = d + len(extra)
+    cols = [x.transpose(1, 2).unsqueeze(3).expand(B, T, Hx, G, d)]
+    for e in extra:
+        e = e.transpose(1, 2).reshape(B, T, Hx, G, 1) if torch.is_tensor(e) else torch.full(
+            (1, 1, 1, 1, 1), float(e), dtype=x.dtype, device=x.device).expand(B, T, Hx, G, 1)
+        cols.append(e.to(x.dtype))
     pad = (-width) % 8
     if pad:
-        cols.append(x.new_zeros(*x.shape[:-1], pad))
-    return torch.cat(cols, dim=-1)
+        cols.append(torch.zeros(1, 1, 1, 1, pad, dtype=x.dtype, device=x.device).expand(B, T, Hx, G, pad))
+    return torch.cat(cols, dim=-1).reshape(B, T, heads, width + pad).transpose(1, 2)
 
 
 def fused_attention_stats(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, lengths: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, lengths: torch.Tensor,
+    *, kernels: bool | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Causal attention output and per-head statistics for a right-padded batch.
 
     Args:
-        q, k, v: (B, H, T, d) with key/value heads already expanded to H.
+        q: (B, H, T, d); k, v: (B, Hkv, T, d) with H a multiple of Hkv (grouped-query attention).
         lengths: (B,) real tokens per row.
+        kernels: the per-row work in two Triton kernels (``fused_attention_kernels``) instead of torch
+            operations: None where they compile (CUDA with Triton), True to force (tests, interpreter).
 
     Returns:
         (output (B, H, T, dv) in v's dtype, AttentionStats with (B, H) tensors).
@@ -86,8 +130,14 @@ def fused_attention_stats(
     out, lse = lse_attention(q, k, v, scale)
     k0 = k[:, :, :1]
     centred, _ = lse_attention(q, k, k - k0, scale)
+    if kernels if kernels is not None else fak.usable(q):
+        part, q_aug, k_aug = fak.row_stats(q, k, centred, lse, lengths, scale)
+        _, lse_cols = lse_attention(k_aug, q_aug, q_aug, scale, reverse=True)
+        s = fak.finish(part, lse_cols, lengths)
+        return out, AttentionStats(sink_score=s[..., 0], mixing_score=s[..., 1], colsum_concentration=s[..., 2],
+                                   diag_score=s[..., 3])
     # three row-wise dot products q_t . (k_0, k_t, centred_t), accumulated in float32
-    dots = _row_dots(q, [k0.expand_as(k), k, centred]) * scale  # (B, H, T, 3)
+    dots = _row_dots(q, [k0, k, centred]) * scale  # (B, H, T, 3)
     log_a0 = dots[..., 0] - lse  # (B, H, T)
     a0 = torch.exp(log_a0)
     a_diag = torch.exp(dots[..., 1] - lse)
@@ -99,12 +149,10 @@ def fused_attention_stats(
     fold = -torch.where(valid[:, None, :], lse, torch.full_like(lse, 1e4)) / scale
     hi = fold.to(q.dtype)
     lo = (fold - hi.float()).to(q.dtype)
-    ones = torch.ones_like(lse)
-    q_aug = _pad_features(q, [hi, lo])
-    k_aug = _pad_features(k, [ones, ones])
-    q_rev = q_aug.flip(2)
-    _, lse_cols = lse_attention(k_aug.flip(2), q_rev, q_rev, scale)
-    colsum = torch.exp(lse_cols.flip(2))  # (B, H, T): sum_t A[t, j]
+    q_aug = _augment(q, H, [hi, lo])
+    k_aug = _augment(k, H, [1.0, 1.0])
+    _, lse_cols = lse_attention(k_aug, q_aug, q_aug, scale, reverse=True)
+    colsum = torch.exp(lse_cols)  # (B, H, T): sum_t A[t, j]
 
     n = lengths.to(q.device).float()[:, None]  # (B, 1)
     v3 = valid[:, None, :].float()

@@ -64,6 +64,8 @@ def test_ablation_removes_exactly_the_bos_write(tiny_loaded):
 
 def test_clip_bounds_position0_only(tiny_loaded):
     ids, mask = _batch(tiny_loaded)
+    # transformers may keep hooks of its own on the blocks (output recording): count ours only
+    before = [_n_hooks(b) for b in tiny_loaded.adapter.blocks]
     base_h, _ = _hidden_and_writes(tiny_loaded, ids, mask)
     gamma = 0.5 * float(base_h[2][:, 0].abs().max())
     with clip_bos_residual(tiny_loaded.adapter, 2, gamma):
@@ -71,12 +73,13 @@ def test_clip_bounds_position0_only(tiny_loaded):
     assert float(clip_h[2][:, 0].abs().max()) <= gamma + 1e-6
     torch.testing.assert_close(clip_h[2][:, 1:], base_h[2][:, 1:])
     torch.testing.assert_close(clip_h[2][:, 0], base_h[2][:, 0].clamp(-gamma, gamma))
-    assert all(_n_hooks(b) == 0 for b in tiny_loaded.adapter.blocks)
+    assert [_n_hooks(b) for b in tiny_loaded.adapter.blocks] == before
 
 
 def test_hooks_removed_on_error(tiny_loaded):
     adapter = tiny_loaded.adapter
     ids, mask = _batch(tiny_loaded)
+    before = [(_n_hooks(adapter.mlp_residual(j)), _n_hooks(adapter.blocks[j])) for j in range(adapter.n_layers)]
     with pytest.raises(RuntimeError, match="boom"):
         with ablate_bos_mlp(adapter, [0, 2]), clip_bos_residual(adapter, 1, 1.0):
 
@@ -85,9 +88,8 @@ def test_hooks_removed_on_error(tiny_loaded):
                     raise RuntimeError("boom")
 
             run_blocks(adapter, ids, mask, explode)
-    for j in range(adapter.n_layers):
-        assert _n_hooks(adapter.mlp_residual(j)) == 0
-        assert _n_hooks(adapter.blocks[j]) == 0
+    after = [(_n_hooks(adapter.mlp_residual(j)), _n_hooks(adapter.blocks[j])) for j in range(adapter.n_layers)]
+    assert after == before
 
 
 @pytest.mark.parametrize("family", ["llama"])

@@ -148,8 +148,11 @@ def test_cpu_pool_spectral_backend_equals_device(tiny_loaded):
     ids = [p for p in PROMPTS]
     a = collect_statistics(tiny_loaded, ids, spectral_backend="device")
     b = collect_statistics(tiny_loaded, ids, spectral_backend="cpu-pool")
+    a1 = collect_statistics(tiny_loaded, ids, spectral_backend="device", max_batch=1)
+    c = collect_statistics(tiny_loaded, ids, spectral_backend="cpu-pool", max_batch=1)  # batches in flight
     for key in ("entropy", "anisotropy", "norm_ratio", "entropy_bound"):
         np.testing.assert_allclose(a.hidden[key], b.hidden[key], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(a1.hidden[key], c.hidden[key], rtol=1e-9, atol=1e-12)
 
 
 def test_estimate_spectral_backend_matches_exact_eigenvalues(tiny_loaded, monkeypatch):
@@ -164,6 +167,15 @@ def test_estimate_spectral_backend_matches_exact_eigenvalues(tiny_loaded, monkey
     a = collect_statistics(tiny_loaded, ids, spectral_backend="device")
     b = collect_statistics(tiny_loaded, ids, spectral_backend="estimate", spectral_options={"chunk": 5})
     assert np.abs(a.hidden["entropy"] - b.hidden["entropy"]).max() < 1e-3
+    # one prompt per batch: chunks of Gram matrices span batches, and batches are read out once their
+    # chunk is estimated (a chunk larger than everything waits for the end)
+    for chunk in (5, 10_000):
+        done = []
+        c = collect_statistics(tiny_loaded, ids, max_batch=1, spectral_backend="estimate",
+                               spectral_options={"chunk": chunk}, progress=done.append)
+        assert sum(done) == len(ids) and not np.isnan(c.hidden["entropy"]).any()
+        np.testing.assert_allclose(c.hidden["entropy"], b.hidden["entropy"], atol=1e-6)  # batching: float32
+        np.testing.assert_allclose(c.attention["sink_score"], a.attention["sink_score"], atol=1e-6)
     assert np.abs(a.final_normed["entropy"] - b.final_normed["entropy"]).max() < 1e-3
     for key in ("anisotropy", "norm_ratio", "sigma1_sq", "alpha", "entropy_bound"):
         np.testing.assert_allclose(a.hidden[key], b.hidden[key], rtol=1e-6, atol=1e-9)

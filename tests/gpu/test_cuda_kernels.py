@@ -1,0 +1,99 @@
+"""The CUDA-only code paths against their references: flash-attention calls (grouped heads, the
+anti-causal window), the fused attention statistics and the fused spectral-estimate step.
+
+Skipped without a GPU (CI has none); the same algebra runs on the CPU through the reference paths
+(tests/models, tests/metrics). Run on a GPU machine: ``python -m pytest tests/gpu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _qkv(B=2, H=8, Hkv=2, T=300, d=64, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, h, T, d, generator=g, device="cuda") for h in (H, Hkv, Hkv))
+    k[:, :, 0] *= 4  # a key the queries single out, as a BOS sink is
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_flash_lse_attention_equals_the_reference(reverse):
+    from mcr_exit.models.fused_attention import _reference_lse_attention, lse_attention
+
+    q, k, v = _qkv()
+    out, lse = lse_attention(q, k, v, 0.125, reverse=reverse)
+    ref_out, ref_lse = _reference_lse_attention(q, k, v, 0.125, reverse)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-3, rtol=0)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_fused_statistics_on_the_gpu_equal_the_float32_cpu_path():
+    from mcr_exit.models.fused_attention import fused_attention_stats
+
+    q, k, v = _qkv(T=257)
+    lengths = torch.tensor([257, 140], device="cuda")
+    _, gpu = fused_attention_stats(q, k, v, 0.125, lengths)
+    _, cpu = fused_attention_stats(q.cpu().float(), k.cpu().float(), v.cpu().float(), 0.125, lengths.cpu())
+    for key in ("sink_score", "mixing_score", "colsum_concentration", "diag_score"):
+        torch.testing.assert_close(getattr(gpu, key).cpu(), getattr(cpu, key), atol=1e-3, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("n", [1024, 700])
+def test_fused_step_kernel_equals_the_torch_step(n):
+    from mcr_exit.metrics.cheb_step import cheb_step
+
+    g = torch.Generator(device="cuda").manual_seed(n)
+    M = torch.randn(4, n, n, generator=g, device="cuda", dtype=torch.float64)
+    A = (M @ M.transpose(1, 2) / (4 * n)).half()
+    X = torch.randn(4, n, n, generator=g, device="cuda").half()
+    eye = torch.eye(n, dtype=torch.float16, device="cuda")[None]
+    four = torch.full((4,), 4.0, device="cuda")
+    Y, sq, dot = cheb_step(A, X, eye, four, -2.0, fused=True)
+    Yr, sqr, dotr = cheb_step(A, X, eye, four, -2.0, fused=False)
+    assert ((Y.float() - Yr.float()).abs() <= 1e-3 * Yr.float().abs() + 1e-5).all()
+    torch.testing.assert_close(sq, sqr, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dot, dotr, rtol=1e-5, atol=1e-2)
+
+
+def test_the_gpu_estimate_matches_float64_eigenvalues():
+    from mcr_exit.metrics.spectral_estimate import estimate_spectrum
+    from tests.metrics.test_spectral_estimate import _hidden_like
+
+    X = _hidden_like(1024, 2048).cuda().float()
+    G = X @ X.transpose(1, 2)
+    ev = torch.linalg.eigvalsh(G.double().cpu()).clamp(min=0)
+    p = ev / ev.sum(-1, keepdim=True)
+    exact = -torch.xlogy(p, p).sum(-1)
+    est = estimate_spectrum(G)
+    assert (est.entropy.cpu() - exact).abs().max() < 1e-3
+
+
+def test_gpu_analysis_with_threaded_estimates_equals_the_exact_chunked_path():
+    """collect_statistics on a GPU (fused attention kernels, spectra estimated in a worker thread on a side
+    stream) against exact float64 eigenvalues and the chunked softmax, on a bf16 model with Gram
+    matrices above the estimate's size threshold."""
+    import numpy as np
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mcr_exit.analysis.collect import collect_statistics
+    from mcr_exit.models import from_objects
+    from tests.tiny import build_tokenizer
+
+    tok = build_tokenizer(bos="<bos>", add_bos=False)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=320, intermediate_size=640, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    loaded = from_objects(model, tok)
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(3, len(tok), (n,), generator=g).tolist() for n in (300, 290, 300, 270)]
+    fast = collect_statistics(loaded, ids, max_batch=4, spectral_backend="estimate", attention_method="fused",
+                              spectral_options={"chunk": 5})  # several flushes per batch
+    exact = collect_statistics(loaded, ids, max_batch=4, spectral_backend="device", attention_method="chunked")
+    assert np.abs(fast.hidden["entropy"] - exact.hidden["entropy"]).max() < 1e-3
+    for key in ("sink_score", "mixing_score", "colsum_concentration", "diag_score"):
+        assert np.abs(fast.attention[key] - exact.attention[key]).max() < 1e-3, key

@@ -1,0 +1,75 @@
+"""The fused Triton step of the spectral estimate, run by Triton's interpreter on the CPU.
+
+On GPUs the same kernel is compiled; here ``TRITON_INTERPRET=1`` executes its Python body with NumPy, so
+the indexing, masking, epilogue and partial sums are checked against the torch version on every CI run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from mcr_exit.metrics import cheb_step as cs
+from mcr_exit.metrics.spectral_estimate import estimate_spectrum
+
+if not sys.platform.startswith("linux"):
+    pytest.importorskip("triton")  # Triton ships for Linux only; the dev extras install it there
+
+
+@pytest.fixture
+def interpreted():
+    if torch.cuda.is_available():
+        pytest.skip("on GPU machines tests/gpu checks the compiled kernel")
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # set by tests/conftest.py before Triton is imported
+
+
+def _pair(B: int, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(B, n, n, generator=g, dtype=torch.float64)
+    A = (M @ M.transpose(1, 2) / (4 * n)).half()
+    X = torch.randn(B, n, n, generator=g).half()
+    return A, X
+
+
+@pytest.mark.parametrize("n,blocks", [(100, (32, 32, 32)), (64, (64, 32, 16))])
+def test_fused_chebyshev_step_equals_the_torch_step(interpreted, n, blocks):
+    A, X = _pair(3, n, seed=n)
+    eye = torch.eye(n, dtype=torch.float16)[None]  # batch of one, broadcast (stride 0 in the kernel)
+    four = torch.full((3,), 4.0)
+    Y, sq, dot = cs.cheb_step(A, X, eye, four, -2.0, fused=True, blocks=blocks)
+    Yr, sqr, dotr = cs.cheb_step(A, X, eye, four, -2.0, fused=False)
+    # the same float32 sums in another order (absolute error ~1e-6 where terms cancel), then one
+    # rounding to float16: one unit in the last place apart at most, plus that float32 error
+    ulp = torch.finfo(torch.float16).eps * Yr.float().abs()
+    assert ((Y.float() - Yr.float()).abs() <= ulp + 1e-5).all()
+    assert (Y != Yr).float().mean() < 0.05
+    torch.testing.assert_close(sq, sqr, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dot, dotr, rtol=1e-5, atol=1e-3)
+    assert torch.isfinite(Y.float()).all()  # every element written (torch.empty holds garbage otherwise)
+
+
+def test_fused_squaring_step_scales_per_matrix(interpreted):
+    A, _ = _pair(2, 80, seed=1)
+    alpha = torch.tensor([1.0, 0.25])
+    Y, sq, _ = cs.cheb_step(A, A, None, alpha, 0.0, fused=True, blocks=(32, 32, 32))
+    ref = (A.float() @ A.float()) * alpha[:, None, None]
+    torch.testing.assert_close(Y.float(), ref, rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(sq, (Y.double() ** 2).sum((1, 2)), rtol=1e-6, atol=0)
+
+
+def test_the_estimate_through_the_kernel_matches_float64_eigenvalues(interpreted):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(3, 96, 200, generator=g)
+    X[1, 0] *= 200  # a massive first row
+    X[2] = torch.randn(96, 5, generator=g) @ torch.randn(5, 200, generator=g) + 0.05 * X[2]
+    G = X.bfloat16().float() @ X.bfloat16().float().transpose(1, 2)
+    ev = torch.linalg.eigvalsh(G.double()).clamp(min=0)
+    p = ev / ev.sum(-1, keepdim=True)
+    exact = -torch.xlogy(p, p).sum(-1)
+    fused = estimate_spectrum(G, storage=torch.float16, fused=True)
+    assert (fused.entropy - exact).abs().max() < 1e-3
+    plain = estimate_spectrum(G, storage=torch.float16, fused=False)
+    assert (fused.entropy - plain.entropy).abs().max() < 1e-5

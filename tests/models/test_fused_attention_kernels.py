@@ -1,0 +1,34 @@
+"""The Triton kernels of the fused attention statistics against the torch version, in Triton's
+interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1 where there is no GPU; on a GPU
+machine tests/gpu compares the compiled kernels instead)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from mcr_exit.models.fused_attention import fused_attention_stats
+
+if not sys.platform.startswith("linux"):
+    pytest.importorskip("triton")
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="tests/gpu checks the compiled kernels")
+
+
+@pytest.mark.parametrize("H,Hkv,T,d,lengths", [(4, 2, 45, 16, [45, 30, 1]), (3, 3, 33, 24, [33, 33, 2])])
+def test_kernels_equal_the_torch_operations(H, Hkv, T, d, lengths):
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(3, h, T, d, generator=g) for h in (H, Hkv, Hkv))
+    k[:, :, 0] *= 3  # a key that attracts attention, as a BOS sink does
+    lengths = torch.tensor(lengths)
+    out_k, got = fused_attention_stats(q, k, v, d**-0.5, lengths, kernels=True)
+    out_t, ref = fused_attention_stats(q, k, v, d**-0.5, lengths, kernels=False)
+    torch.testing.assert_close(out_k, out_t)
+    for key in ("sink_score", "mixing_score", "colsum_concentration", "diag_score"):
+        a, b = getattr(got, key), getattr(ref, key)
+        assert torch.equal(a.isnan(), b.isnan()), key  # a single-token row has no mixing or ColSum score
+        torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), atol=1e-5, rtol=1e-5, msg=key)
