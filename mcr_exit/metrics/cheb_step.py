@@ -19,6 +19,7 @@ which is how the tests check it without a GPU.
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import torch
@@ -75,7 +76,7 @@ def _kernel():
 
     @triton.jit
     def step(A, X, P, Y, ALPHA, PART, n, sa, sx, sp, beta,
-             HAS_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+             HAS_P: tl.constexpr, EVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid = tl.program_id(0)
         b = tl.program_id(1)
         tiles_n = tl.cdiv(n, BN)
@@ -86,9 +87,13 @@ def _kernel():
         x_ptr = X + b * sx + rk[:, None] * n + rn[None, :]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k in range(0, n, BK):
-            kk = k + rk
-            a = tl.load(a_ptr, mask=(rm[:, None] < n) & (kk[None, :] < n), other=0.0)
-            x = tl.load(x_ptr, mask=(kk[:, None] < n) & (rn[None, :] < n), other=0.0)
+            if EVEN:  # n a multiple of every tile size: no masks, so loads pipeline freely
+                a = tl.load(a_ptr)
+                x = tl.load(x_ptr)
+            else:
+                kk = k + rk
+                a = tl.load(a_ptr, mask=(rm[:, None] < n) & (kk[None, :] < n), other=0.0)
+                x = tl.load(x_ptr, mask=(kk[:, None] < n) & (rn[None, :] < n), other=0.0)
             acc = tl.dot(a, x, acc)
             a_ptr += BK
             x_ptr += BK * n
@@ -120,21 +125,39 @@ def triton_usable(t: torch.Tensor) -> bool:
 
 
 def cheb_step(A: torch.Tensor, X: torch.Tensor, P: torch.Tensor | None, alpha: torch.Tensor, beta: float,
-              *, fused: bool | None = None, blocks: tuple[int, int, int] = (64, 128, 64), warps: int = 4,
+              *, fused: bool | None = None, blocks: tuple[int, int, int] = (128, 128, 64), warps: int = 8,
               stages: int = 4):
     """(Y, ||Y||^2, <Y, X>) per matrix; A, X, P (B or 1, n, n) in one dtype, alpha (B,); sums in float64.
 
     A batch dimension of size 1 is broadcast (the identity as P). ``fused`` None picks the Triton kernel
-    where ``triton_usable``, True forces it (CPU tensors need ``TRITON_INTERPRET=1``), False the torch version; ``blocks`` are its tile sizes (BM, BN, BK), ``warps`` and ``stages`` its
-    launch settings (benchmarks/profile_analysis.py times a few on an H100).
+    where ``triton_usable`` (and falls back to torch, with a warning, if it fails to build), True forces
+    it (CPU tensors need ``TRITON_INTERPRET=1``), False the torch version. ``blocks`` are its tile sizes
+    (BM, BN, BK), ``warps`` and ``stages`` its launch settings (benchmarks/profile_analysis.py times a few).
     """
     B = max(A.shape[0], X.shape[0])
     n = X.shape[-1]
-    if fused is None:
-        fused = triton_usable(X)
-    if not fused:
-        return _torch_step(A.expand(B, n, n), X.expand(B, n, n), None if P is None else P.expand(B, n, n),
-                           alpha.expand(B), beta)
+    auto = fused is None
+    if auto:
+        fused = triton_usable(X) and not _FAILED
+    if fused:
+        try:
+            return _fused_step(A, X, P, alpha, beta, B, n, blocks, warps, stages)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a GPU or Triton the kernel does not build for
+            if not auto:
+                raise
+            _FAILED.append(exc)
+            warnings.warn(f"the fused Triton step failed ({type(exc).__name__}: {exc}); using torch operations",
+                          stacklevel=2)
+    return _torch_step(A.expand(B, n, n), X.expand(B, n, n), None if P is None else P.expand(B, n, n),
+                       alpha.expand(B), beta)
+
+
+_FAILED: list[Exception] = []  # set once the kernel has failed to build or run here
+
+
+def _fused_step(A, X, P, alpha, beta, B, n, blocks, warps, stages):
     BM, BN, BK = blocks
     A, X = A.contiguous(), X.contiguous()
     has_p = P is not None
@@ -145,7 +168,8 @@ def cheb_step(A: torch.Tensor, X: torch.Tensor, P: torch.Tensor | None, alpha: t
     stride = [0 if t.shape[0] == 1 else n * n for t in (A, X, P)]
     interpreted = not X.is_cuda
     _kernel()[(tiles, B)](A, X, P, Y, alpha.to(torch.float32).expand(B).contiguous(), part, n, *stride,
-                          float(beta), HAS_P=has_p, BM=BM, BN=BN, BK=BK,
+                          float(beta), HAS_P=has_p, EVEN=n % BM == 0 and n % BN == 0 and n % BK == 0,
+                          BM=BM, BN=BN, BK=BK,
                           **({} if interpreted else dict(num_warps=warps, num_stages=stages)))
     sums = part.sum(1, dtype=torch.float64)
     return Y, sums[:, 0], sums[:, 1]

@@ -131,11 +131,18 @@ def fused_attention_stats(
     k0 = k[:, :, :1]
     centred, _ = lse_attention(q, k, k - k0, scale)
     if kernels if kernels is not None else fak.usable(q):
-        part, q_aug, k_aug = fak.row_stats(q, k, centred, lse, lengths, scale)
-        _, lse_cols = lse_attention(k_aug, q_aug, q_aug, scale, reverse=True)
-        s = fak.finish(part, lse_cols, lengths)
-        return out, AttentionStats(sink_score=s[..., 0], mixing_score=s[..., 1], colsum_concentration=s[..., 2],
-                                   diag_score=s[..., 3])
+        try:
+            part, q_aug, k_aug = fak.row_stats(q, k, centred, lse, lengths, scale)
+            _, lse_cols = lse_attention(k_aug, q_aug, q_aug, scale, reverse=True)
+            s = fak.finish(part, lse_cols, lengths)
+            return out, AttentionStats(sink_score=s[..., 0], mixing_score=s[..., 1],
+                                       colsum_concentration=s[..., 2], diag_score=s[..., 3])
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a GPU or Triton the kernels do not build for
+            if kernels:
+                raise
+            fak.give_up(exc)
     # three row-wise dot products q_t . (k_0, k_t, centred_t), accumulated in float32
     dots = _row_dots(q, [k0, k, centred]) * scale  # (B, H, T, 3)
     log_a0 = dots[..., 0] - lse  # (B, H, T)

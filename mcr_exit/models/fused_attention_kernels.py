@@ -18,6 +18,7 @@ interpreter on the CPU (``TRITON_INTERPRET=1``) and compare; on GPUs they are co
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import torch
@@ -25,8 +26,18 @@ import torch
 ROWS = 32  # positions per program of ``row_stats``
 
 
+_FAILED: list[Exception] = []  # set once the kernels have failed to build or run here
+
+
+def give_up(exc: Exception) -> None:
+    """Fall back to torch operations for the rest of the process, saying why once."""
+    _FAILED.append(exc)
+    warnings.warn(f"the attention-statistics Triton kernels failed ({type(exc).__name__}: {exc}); "
+                  "using torch operations", stacklevel=3)
+
+
 def usable(q: torch.Tensor) -> bool:
-    if not q.is_cuda:
+    if not q.is_cuda or _FAILED:
         return False
     try:
         import triton  # noqa: F401

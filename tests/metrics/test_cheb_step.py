@@ -73,3 +73,25 @@ def test_the_estimate_through_the_kernel_matches_float64_eigenvalues(interpreted
     assert (fused.entropy - exact).abs().max() < 1e-3
     plain = estimate_spectrum(G, storage=torch.float16, fused=False)
     assert (fused.entropy - plain.entropy).abs().max() < 1e-5
+
+
+def test_a_kernel_that_fails_to_build_falls_back_to_torch_once(monkeypatch):
+    """Where the fused step is picked automatically (a GPU) and Triton cannot build it, the torch version
+    runs instead, with one warning; a forced kernel raises."""
+    A, X = _pair(2, 40, seed=5)
+
+    def broken():
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(cs, "triton_usable", lambda t: True)
+    monkeypatch.setattr(cs, "_kernel", broken)
+    monkeypatch.setattr(cs, "_FAILED", [])
+    with pytest.warns(UserWarning, match="no kernel for this GPU"):
+        Y, sq, _ = cs.cheb_step(A, X, None, torch.ones(2), 0.0)
+    Yr, sqr, _ = cs.cheb_step(A, X, None, torch.ones(2), 0.0, fused=False)
+    assert torch.equal(Y, Yr) and torch.equal(sq, sqr)
+    assert len(cs._FAILED) == 1
+    cs.cheb_step(A, X, None, torch.ones(2), 0.0)  # no second attempt, no second warning
+    assert len(cs._FAILED) == 1
+    with pytest.raises(RuntimeError, match="no kernel"):
+        cs.cheb_step(A, X, None, torch.ones(2), 0.0, fused=True)

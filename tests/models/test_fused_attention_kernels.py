@@ -32,3 +32,23 @@ def test_kernels_equal_the_torch_operations(H, Hkv, T, d, lengths):
         a, b = getattr(got, key), getattr(ref, key)
         assert torch.equal(a.isnan(), b.isnan()), key  # a single-token row has no mixing or ColSum score
         torch.testing.assert_close(a.nan_to_num(), b.nan_to_num(), atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_kernels_that_fail_to_build_fall_back_to_torch(monkeypatch):
+    from mcr_exit.models import fused_attention_kernels as fak
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for this GPU")
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 20, 16, generator=g) for h in (4, 2, 2))
+    lengths = torch.tensor([20, 12])
+    monkeypatch.setattr(fak, "_FAILED", [])
+    monkeypatch.setattr(fak, "row_stats", broken)
+    monkeypatch.setattr(fak, "usable", lambda q: not fak._FAILED)
+    with pytest.warns(UserWarning, match="no kernel for this GPU"):
+        _, got = fused_attention_stats(q, k, v, 0.25, lengths)
+    _, ref = fused_attention_stats(q, k, v, 0.25, lengths, kernels=False)
+    assert torch.equal(got.sink_score, ref.sink_score) and len(fak._FAILED) == 1
+    with pytest.raises(RuntimeError, match="no kernel"):
+        fused_attention_stats(q, k, v, 0.25, lengths, kernels=True)
