@@ -96,7 +96,9 @@ class SpectralReducer:
         ready.record(torch.cuda.current_stream(device))
 
         def work() -> None:
-            stream = self.streams.setdefault(device, torch.cuda.Stream(device=device))
+            if device not in self.streams:  # one side stream per device, made once
+                self.streams[device] = torch.cuda.Stream(device=device)
+            stream = self.streams[device]
             stream.wait_event(ready)
             with torch.cuda.stream(stream), torch.inference_mode():
                 for terms, gram, _, _ in waiting:  # made on the main stream, read on this one
