@@ -88,6 +88,19 @@ def report(name, fn, top, ms):
         print(f"   {'kernel':<90} {'calls':>6} {'ms':>8}")
         for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
             print(f"   {e.key[:90]:<90} {e.count:>6} {e.self_device_time_total / 1000:8.2f}")
+    return {e.key: (e.count, e.self_device_time_total / 1000) for e in kernels if not e.key.startswith("stage:")}
+
+
+def print_difference(base, other, top):
+    """Kernels by the device time they add over the base run (stage ranges left out)."""
+    rows = []
+    for key in set(base) | set(other):
+        (n0, t0), (n1, t1) = base.get(key, (0, 0.0)), other.get(key, (0, 0.0))
+        rows.append((t1 - t0, n1 - n0, key))
+    total = sum(r[0] for r in rows)
+    print(f"\n== kernel time the analysis adds to the bare forward: {total:.1f} ms per batch")
+    for dt, dn, key in sorted(rows, reverse=True)[:top]:
+        print(f"   {key[:90]:<90} {dn:>+6} {dt:+8.2f}")
 
 
 def time_steps(configs, B=64, n=1024):
@@ -171,9 +184,11 @@ def main():
         time_steps(args.step_configs.split(","))
     # wall times first: a profiler session leaves the process slower at launching kernels afterwards
     walls = {name: timed(fn) for name, fn in (("bare", bare), ("attention", attention_only), ("analysis", analysis))}
-    report("bare forward", bare, 8, walls["bare"])
-    report("attention statistics only", attention_only, args.top, walls["attention"])
-    report("analysis (GPU default)", analysis, args.top, walls["analysis"])
+    k_bare = report("bare forward", bare, 8, walls["bare"])
+    k_att = report("attention statistics only", attention_only, args.top, walls["attention"])
+    k_all = report("analysis (GPU default)", analysis, args.top, walls["analysis"])
+    print_difference(k_bare, k_att, args.top)
+    print_difference(k_bare, k_all, 2 * args.top)
 
     with torch.inference_mode():
         grams = grams_of(loaded, ids, mask)
