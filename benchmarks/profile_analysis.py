@@ -145,9 +145,9 @@ def main():
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--step-configs", default="128x128x64w8s3,128x128x64w4s4,128x256x64w8s3,64x128x64w4s4,128x128x32w4s4",
+    ap.add_argument("--step-configs", default="128x128x64w8s4,64x128x64w4s4,128x256x64w8s3,128x128x32w4s4",
                     help="tile settings of the fused step kernel to time (BMxBNxBK, warps, stages)")
-    ap.add_argument("--estimates", default="D48,D32,D40,i8,w16,D32-i8",
+    ap.add_argument("--estimates", default="D32,D48,i12",
                     help="estimate_spectrum settings to time alone (D degree, i iterations, w width)")
     args = ap.parse_args()
 

@@ -11,8 +11,8 @@ For causal attention with scores s_tj = scale * q_t . k_j and lse_t = log sum_j 
   feature columns (a high and a low half-precision part, so the fold costs no precision).
 
 Each quantity is one fused attention call (flash attention on CUDA, grouped-query heads read in
-place) or a cheap row-wise product; memory stays O(B H T d). A plain matmul reference implements the same primitive on the CPU, so the
-algebra is tested everywhere and only the kernel call is GPU-specific.
+place) or a cheap row-wise product; memory stays O(B H T d). A plain matmul reference implements the
+same primitive on the CPU, so the algebra is tested everywhere and only the kernel call is GPU-specific.
 """
 
 from __future__ import annotations
