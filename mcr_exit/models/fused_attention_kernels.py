@@ -59,7 +59,7 @@ def _kernels():
     def row_stats(Q, K, C, LSE, LEN, QA, KA, PART,
                   sqb, sqh, sqt, skb, skh, skt, scb, sch, sct, slb, slh,
                   H, G, T, D, DP, scale,
-                  BT: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr):
+                  BT: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr, REV: tl.constexpr):
         bh = tl.program_id(0)
         tb = tl.program_id(1)
         b = bh // H
@@ -103,13 +103,14 @@ def _kernels():
         col = pp[None, :] + tl.zeros((BT, BP), dtype=tl.int32)
         qa = tl.where(col == D, hi[:, None], tl.where(col == D + 1, lo[:, None], qv))
         ka = tl.where((col == D) | (col == D + 1), 1.0, kv.to(tl.float32)).to(KA.dtype.element_ty)
-        dst = ((b * T + t[:, None]) * H + h) * DP + pp[None, :]
+        t_out = (T - 1 - t) if REV else t  # REV: rows in reversed order (a causal call then reads j >= t)
+        dst = ((b * T + t_out[:, None]) * H + h) * DP + pp[None, :]
         ms = tin[:, None] & (pp[None, :] < DP)
         tl.store(QA + dst, qa, mask=ms)
         tl.store(KA + dst, ka, mask=ms)
 
     @triton.jit
-    def finish(PART, LSEC, LEN, OUT, T, NB, slb, slh, H, BT: tl.constexpr):
+    def finish(PART, LSEC, LEN, OUT, T, NB, slb, slh, H, BT: tl.constexpr, REV: tl.constexpr):
         bh = tl.program_id(0)
         b = bh // H
         h = bh % H
@@ -128,7 +129,8 @@ def _kernels():
         for t0 in range(0, T, BT):
             t = t0 + tl.arange(0, BT)
             ok = (t < T) & (t.to(tl.float32) < n)
-            c = tl.exp(tl.load(LSEC + b * slb + h * slh + t, mask=ok, other=0.0)) / n
+            t_in = (T - 1 - t) if REV else t
+            c = tl.exp(tl.load(LSEC + b * slb + h * slh + t_in, mask=ok, other=0.0)) / n
             h_col += tl.sum(tl.where(ok & (c > 0), -c * tl.log(tl.where(c > 0, c, 1.0)), 0.0), 0)
         log_n = tl.log(n)
         nan = float("nan")
@@ -144,13 +146,19 @@ def _launch(t: torch.Tensor, **kw):
     return kw if t.is_cuda else {}  # launch settings mean nothing to the interpreter
 
 
-def row_stats(q, k, centred, lse, lengths, scale):
+def augmented_size(d: int) -> int:
+    """Head size of the column-sum call: d + 2 fold columns, padded to a multiple of 8."""
+    return d + 2 + (-(d + 2)) % 8
+
+
+def row_stats(q, k, centred, lse, lengths, scale, reverse: bool = False):
     """-> (partial sums (B*H, blocks, 3), q_aug (B, H, T, DP) view, k_aug (B, H, T, DP) view).
 
-    q, centred: (B, H, T, d); k: (B, Hkv, T, d); lse (B, H, T) float32; lengths (B,)."""
+    q, centred: (B, H, T, d); k: (B, Hkv, T, d); lse (B, H, T) float32; lengths (B,). With ``reverse``
+    the augmented rows are written in reversed position order."""
     B, H, T, d = q.shape
     G = H // k.shape[1]
-    DP = d + 2 + (-(d + 2)) % 8
+    DP = augmented_size(d)
     for x in (q, k, centred):
         assert x.stride(-1) == 1, "the last dimension must be contiguous"
     qa = torch.empty(B, T, H, DP, dtype=q.dtype, device=q.device)
@@ -162,16 +170,19 @@ def row_stats(q, k, centred, lse, lengths, scale):
         q, k, centred, lse, lens, qa, ka, part,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         centred.stride(0), centred.stride(1), centred.stride(2), lse.stride(0), lse.stride(1),
-        H, G, T, d, DP, float(scale), BT=ROWS, BD=_pow2(d), BP=_pow2(DP), **_launch(q, num_warps=4),
+        H, G, T, d, DP, float(scale), BT=ROWS, BD=_pow2(d), BP=_pow2(DP), REV=bool(reverse),
+        **_launch(q, num_warps=4),
     )
     return part, qa.transpose(1, 2), ka.transpose(1, 2)
 
 
-def finish(part, lse_cols, lengths):
-    """-> (B, H, 4) float32: sink score, mixing score, ColSum concentration, diagonal score."""
+def finish(part, lse_cols, lengths, reverse: bool = False):
+    """-> (B, H, 4) float32: sink score, mixing score, ColSum concentration, diagonal score.
+
+    ``reverse``: lse_cols comes from the reversed column-sum call (position t at T - 1 - t)."""
     B, H, T = lse_cols.shape
     out = torch.empty(B, H, 4, dtype=torch.float32, device=part.device)
     lens = lengths.to(device=part.device, dtype=torch.int32)
     _kernels()[1][(B * H,)](part, lse_cols, lens, out, T, part.shape[1], lse_cols.stride(0), lse_cols.stride(1),
-                            H, BT=128, **_launch(part, num_warps=4))
+                            H, BT=128, REV=bool(reverse), **_launch(part, num_warps=4))
     return out

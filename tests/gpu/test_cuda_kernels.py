@@ -22,6 +22,7 @@ def _qkv(B=2, H=8, Hkv=2, T=300, d=64, seed=0):
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_flash_lse_attention_equals_the_reference(reverse):
+    """Causal calls go to cuDNN where it runs (flash attention otherwise), anti-causal ones to flash."""
     from mcr_exit.models.fused_attention import _reference_lse_attention, lse_attention
 
     q, k, v = _qkv()
@@ -31,12 +32,14 @@ def test_flash_lse_attention_equals_the_reference(reverse):
     torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_fused_statistics_on_the_gpu_equal_the_float32_cpu_path():
+@pytest.mark.parametrize("flipped", [None, False, True])
+def test_fused_statistics_on_the_gpu_equal_the_float32_cpu_path(flipped):
+    """None: the default choice (a causal cuDNN column-sum call on reversed inputs where cuDNN runs)."""
     from mcr_exit.models.fused_attention import fused_attention_stats
 
     q, k, v = _qkv(T=257)
     lengths = torch.tensor([257, 140], device="cuda")
-    _, gpu = fused_attention_stats(q, k, v, 0.125, lengths)
+    _, gpu = fused_attention_stats(q, k, v, 0.125, lengths, reversed_columns=flipped)
     _, cpu = fused_attention_stats(q.cpu().float(), k.cpu().float(), v.cpu().float(), 0.125, lengths.cpu())
     for key in ("sink_score", "mixing_score", "colsum_concentration", "diag_score"):
         torch.testing.assert_close(getattr(gpu, key).cpu(), getattr(cpu, key), atol=1e-3, rtol=0, msg=key)

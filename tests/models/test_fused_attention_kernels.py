@@ -18,14 +18,17 @@ if not sys.platform.startswith("linux"):
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="tests/gpu checks the compiled kernels")
 
 
+@pytest.mark.parametrize("flipped", [False, True])
 @pytest.mark.parametrize("H,Hkv,T,d,lengths", [(4, 2, 45, 16, [45, 30, 1]), (3, 3, 33, 24, [33, 33, 2])])
-def test_kernels_equal_the_torch_operations(H, Hkv, T, d, lengths):
+def test_kernels_equal_the_torch_operations(H, Hkv, T, d, lengths, flipped):
+    """``flipped``: the kernels write the column-sum inputs reversed and read its result back reversed
+    (a causal call then, as cuDNN needs), instead of an anti-causal call."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     g = torch.Generator().manual_seed(T)
     q, k, v = (torch.randn(3, h, T, d, generator=g) for h in (H, Hkv, Hkv))
     k[:, :, 0] *= 3  # a key that attracts attention, as a BOS sink does
     lengths = torch.tensor(lengths)
-    out_k, got = fused_attention_stats(q, k, v, d**-0.5, lengths, kernels=True)
+    out_k, got = fused_attention_stats(q, k, v, d**-0.5, lengths, kernels=True, reversed_columns=flipped)
     out_t, ref = fused_attention_stats(q, k, v, d**-0.5, lengths, kernels=False)
     torch.testing.assert_close(out_k, out_t)
     for key in ("sink_score", "mixing_score", "colsum_concentration", "diag_score"):
