@@ -12,8 +12,9 @@ For causal attention with scores s_tj = scale * q_t . k_j and lse_t = log sum_j 
   no precision).
 
 Each quantity is one fused attention call (on CUDA cuDNN's fused attention where it runs, else flash
-attention; grouped-query heads read in place) or a cheap row-wise product; memory stays O(B H T d). A plain matmul reference implements the
-same primitive on the CPU, so the algebra is tested everywhere and only the kernel call is GPU-specific.
+attention; grouped-query heads read in place) or a cheap row-wise product; memory stays O(B H T d).
+A plain matmul reference implements the same primitive on the CPU, so the algebra is tested everywhere
+and only the kernel call is GPU-specific.
 """
 
 from __future__ import annotations

@@ -55,3 +55,10 @@ def test_kernels_that_fail_to_build_fall_back_to_torch(monkeypatch):
     assert torch.equal(got.sink_score, ref.sink_score) and len(fak._FAILED) == 1
     with pytest.raises(RuntimeError, match="no kernel"):
         fused_attention_stats(q, k, v, 0.25, lengths, kernels=True)
+
+
+def test_auto_leaves_heads_too_large_for_the_fused_kernels_to_the_chunked_path():
+    from mcr_exit.models.attention_stats import fused_fits
+
+    assert fused_fits(64) and fused_fits(128) and fused_fits(248)
+    assert not fused_fits(256)  # Gemma's head size: the column-sum call would need 264
