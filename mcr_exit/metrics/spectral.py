@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from mcr_exit.metrics.spectral_estimate import tf32
+from mcr_exit.metrics.cheb_step import tf32
 
 _EPS = 1e-30
 

@@ -33,7 +33,7 @@ from functools import lru_cache
 
 import torch
 
-from mcr_exit.metrics.cheb_step import _round_tf32, cheb_step, tf32  # noqa: F401 (tf32 is used by spectral.py)
+from mcr_exit.metrics.cheb_step import cheb_step, tf32
 
 _TINY = 1e-300
 
