@@ -109,15 +109,19 @@ def time_steps(configs, B=64, n=1024):
 
     from mcr_exit.metrics.cheb_step import cheb_step
 
-    A = (torch.rand(B, n, n, device="cuda") / n).half()
-    X, P = torch.randn(B, n, n, device="cuda").half(), torch.randn(B, n, n, device="cuda").half()
+    A = torch.rand(B, n, n, device="cuda") / n
+    A = (A + A.transpose(1, 2)).half()  # symmetric operands, as the estimate's are
+    X, P = A @ A, A
     four = torch.full((B,), 4.0, device="cuda")
     flop = 2 * B * n**3
     print(f"\n== one Chebyshev step on {B} matrices {n} x {n} (float16, float32 accumulation)")
     runs = [("torch (bmm + elementwise)", dict(fused=False))]
     for c in configs:
-        bm, bn, bk, w, st = map(int, re.match(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)", c).groups())
-        runs.append((f"fused {c}", dict(fused=True, blocks=(bm, bn, bk), warps=w, stages=st)))
+        bm, bn, bk, w, st = map(int, re.match(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)$", c).groups())
+        kw = dict(fused=True, blocks=(bm, bn, bk), warps=w, stages=st)
+        runs.append((f"fused {c}", kw))
+        if bm == bn:  # upper tiles only, mirrored (what the estimate runs); TFLOP/s of the full product
+            runs.append((f"fused {c} sym", dict(kw, symmetric=True)))
     for name, kw in runs:
         try:
             ms = timed(lambda: cheb_step(A, X, P, four, -2.0, **kw), repeats=10)

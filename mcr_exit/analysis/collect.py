@@ -110,14 +110,15 @@ class SpectralReducer:
 
         self.pending.append((waiting[0][3], waiting[-1][3] + 1, self.side.submit(work)))
 
-    def submit(self, h: torch.Tensor, lengths: torch.Tensor, store: Callable[[SpectralStats], None]) -> None:
+    def submit(self, h: torch.Tensor, lengths: torch.Tensor, store: Callable[[SpectralStats], None],
+               padded: bool | None = None) -> None:
         unit = self.submitted
         self.submitted += 1
         if self.backend == "estimate":
             T, d = h.shape[-2], h.shape[-1]
             if min(T, d) >= ESTIMATE_MIN_SIZE:
                 terms, gram = spectral_terms(h, lengths.to(h.device), compute_dtype=self.dtype,
-                                             gram_dtype=torch.float32)
+                                             gram_dtype=torch.float32, padded=padded)
                 self.waiting.append((terms, gram, store, unit))
                 if sum(w[1].shape[0] for w in self.waiting) >= self.chunk:
                     self._flush_estimates()
@@ -284,6 +285,7 @@ def collect_statistics(
     for batch in length_batches([len(x) for x in ids], max_tokens, max_batch):
         input_ids, mask = collate([ids[i] for i in batch], pad, device)
         lengths = mask.sum(1)
+        padded = len({len(ids[i]) for i in batch}) > 1  # known on the host, without a device read
         buffer = _BatchBuffer()
 
         def on_hidden(i: int, h: torch.Tensor, buffer: _BatchBuffer = buffer) -> None:
@@ -291,7 +293,7 @@ def collect_statistics(
                 for key, val in s.as_dict().items():
                     buffer.add(stats.hidden, key, (N, L + 1), i, val)
 
-            reducer.submit(h, lengths, store)
+            reducer.submit(h, lengths, store, padded)
 
         layers: dict[int, AttentionStats] = {}
         with collect_attention_stats(adapter, lengths, layers.__setitem__, method=attention_method):

@@ -1,20 +1,29 @@
-"""One step of the spectral estimate's matrix recurrences, fused: product, update, norms.
+"""The fused kernels of the spectral estimate: one recurrence step, and the deflated matrix in half precision.
 
-``cheb_step(A, X, P, alpha, beta)`` returns, for each matrix b of a batch,
+``cheb_step(A, X, P, alpha, beta, gamma=..., delta=...)`` returns, for each matrix b of a batch,
 
-    Y_b = alpha_b * (A_b @ X_b) + beta * X_b - P_b      (P optional)
-    ||Y_b||_F^2  and  <Y_b, X_b>_F                       (of Y as stored)
+    Y_b = alpha_b * (A_b @ X_b) + beta * X_b + gamma_b * P_b + delta * I      (P optional; gamma -1 by default)
+    ||Y_b||_F^2  and  <Y_b, X_b>_F                                         (of Y as stored)
 
 with half-precision A, X, P, Y and float32 accumulation. The Chebyshev recurrence is
-T_j+1 = 4 Bm T_j - 2 T_j - T_j-1 (alpha 4, beta -2) and the squarings are S_k+1 = S_k S_k / ||S_k||^2
+T_j+1 = 4 c S T_j - 2 T_j - T_j-1 (alpha 4c, beta -2) and the squarings are S_k+1 = S_k S_k / ||S_k||^2
 (alpha 1/||S_k||^2, beta 0, no P); the norms give the traces the estimate needs.
 
-On CUDA with Triton this is one kernel per step: the update and both norms are computed in the product's
-epilogue from the tile the kernel already holds, where separate torch calls would read and write every
-n x n matrix four more times (the step is bound by memory traffic, not by the product). Elsewhere a
-torch version with the same rounding (one rounding of the float32 result to the storage dtype) runs.
-``fused=True`` on CPU tensors under ``TRITON_INTERPRET=1`` runs the kernel in Triton's interpreter,
-which is how the tests check it without a GPU.
+``symmetric=True`` is for the case the estimate always has: A, X and P are polynomials in one symmetric
+matrix, so A X is symmetric too. The kernel then computes only the tiles on and above the diagonal and
+writes each one a second time, transposed, below it (44% fewer products at n = 1024), and the result is
+exactly symmetric, which the recurrence relies on (an antisymmetric residue would not stay in [-1, 1]).
+
+``deflated_half(G, inv, L, R, scale)`` returns Y = scale * (sym(G) * inv + L @ R) in half precision,
+exactly symmetric, with ||Y||^2 and tr Y of Y as stored (``scale`` None: only the float32 sums of the
+unrounded matrix, no Y). This is the deflated matrix rho_d = (I - V V^T) rho (I - V V^T) of the estimate,
+rho = sym(G) / tr G, written as rho plus a low-rank update, read straight from the float32 Gram matrix.
+
+On CUDA with Triton each is one kernel: the update and the sums are computed in the epilogue from the
+tile the kernel already holds, where separate torch calls would read and write every n x n matrix several
+more times. Elsewhere torch versions with the same rounding (one rounding of the float32 result to the
+storage dtype) run. ``fused=True`` on CPU tensors under ``TRITON_INTERPRET=1`` runs the kernels in
+Triton's interpreter, which is how the tests check them without a GPU.
 """
 
 from __future__ import annotations
@@ -46,8 +55,13 @@ class tf32:
         torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
-def _torch_step(A, X, P, alpha, beta):
-    wide = torch.float64 if A.dtype == torch.float64 else torch.float32
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_step(A, X, P, alpha, beta, gamma, delta):
+    """The step with torch operations; alpha, beta, gamma (B,) tensors."""
+    wide = _wide(A.dtype)
     if A.is_cuda and A.dtype in (torch.float16, torch.bfloat16):
         try:
             prod = torch.bmm(A, X, out_dtype=torch.float32)
@@ -57,11 +71,11 @@ def _torch_step(A, X, P, alpha, beta):
         prod = _round_tf32(A) @ _round_tf32(X)
     else:
         prod = A.to(wide) @ X.to(wide)
-    y = prod * alpha.to(wide)[:, None, None]
-    if beta:
-        y = y + beta * X.to(wide)
+    y = prod * alpha.to(wide)[:, None, None] + beta.to(wide)[:, None, None] * X.to(wide)
     if P is not None:
-        y = y - P.to(wide)
+        y = y + gamma.to(wide)[:, None, None] * P.to(wide)
+    if delta:
+        y = y + delta * torch.eye(y.shape[-1], dtype=wide, device=y.device)
     Y = y.to(A.dtype)
     yw = Y.to(wide)
     sq = (yw * yw).sum((-2, -1), dtype=torch.float64)
@@ -70,18 +84,25 @@ def _torch_step(A, X, P, alpha, beta):
 
 
 @lru_cache(maxsize=1)
-def _kernel():
+def _kernels():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def step(A, X, P, Y, ALPHA, PART, n, sa, sx, sp, beta,
-             HAS_P: tl.constexpr, EVEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid = tl.program_id(0)
-        b = tl.program_id(1)
-        tiles_n = tl.cdiv(n, BN)
-        rm = (pid // tiles_n) * BM + tl.arange(0, BM)
-        rn = (pid % tiles_n) * BN + tl.arange(0, BN)
+    def step(A, X, P, Y, ALPHA, BETA, GAMMA, PART, PAIRS, n, sa, sx, sp, delta, per_matrix,
+             HAS_P: tl.constexpr, SYM: tl.constexpr, EVEN: tl.constexpr,
+             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        t = tl.program_id(0)  # tile t = b * per_matrix + pid
+        b = t // per_matrix
+        pid = t % per_matrix
+        if SYM:  # the tiles on and above the diagonal, from a table of (i, j)
+            ti = tl.load(PAIRS + 2 * pid)
+            tj = tl.load(PAIRS + 2 * pid + 1)
+        else:
+            ti = pid // tl.cdiv(n, BN)
+            tj = pid % tl.cdiv(n, BN)
+        rm = ti * BM + tl.arange(0, BM)
+        rn = tj * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
         a_ptr = A + b * sa + rm[:, None] * n + rk[None, :]
         x_ptr = X + b * sx + rk[:, None] * n + rn[None, :]
@@ -100,23 +121,85 @@ def _kernel():
         inside = (rm[:, None] < n) & (rn[None, :] < n)
         off = rm[:, None] * n + rn[None, :]
         xt = tl.load(X + b * sx + off, mask=inside, other=0.0).to(tl.float32)
-        y = acc * tl.load(ALPHA + b) + beta * xt
+        y = acc * tl.load(ALPHA + b) + tl.load(BETA + b) * xt
         if HAS_P:
-            y -= tl.load(P + b * sp + off, mask=inside, other=0.0).to(tl.float32)
+            y += tl.load(GAMMA + b) * tl.load(P + b * sp + off, mask=inside, other=0.0).to(tl.float32)
+        y += tl.where((rm[:, None] == rn[None, :]) & inside, delta, 0.0)
+        if SYM:
+            if ti == tj:  # the diagonal tile holds both triangles: make them agree to the last bit
+                y = 0.5 * (y + tl.trans(y))
         y_low = y.to(Y.dtype.element_ty)
         tl.store(Y + b * n * n + off, y_low, mask=inside)
+        if SYM:
+            if ti != tj:  # the mirror image below the diagonal
+                tl.store(Y + b * n * n + rn[:, None] * n + rm[None, :], tl.trans(y_low),
+                         mask=(rn[:, None] < n) & (rm[None, :] < n))
         yr = y_low.to(tl.float32)
+        w = 1.0
+        if SYM:
+            w = tl.where(ti == tj, 1.0, 2.0)  # an off-diagonal tile stands for itself and its mirror image
+        tl.store(PART + 2 * t, w * tl.sum(tl.sum(yr * yr, 1), 0))
+        tl.store(PART + 2 * t + 1, w * tl.sum(tl.sum(yr * xt, 1), 0))
+
+    @triton.jit
+    def deflate(G, L, R, INV, SCALE, Y, PART, PAIRS, n, r,
+                WRITE: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr):
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        ti = tl.load(PAIRS + 2 * pid)
+        tj = tl.load(PAIRS + 2 * pid + 1)
+        rm = ti * BM + tl.arange(0, BM)
+        rn = tj * BM + tl.arange(0, BM)
+        inside = (rm[:, None] < n) & (rn[None, :] < n)
+        g = tl.load(G + b * n * n + rm[:, None] * n + rn[None, :], mask=inside, other=0.0)
+        gt = tl.load(G + b * n * n + rn[:, None] * n + rm[None, :], mask=(rn[:, None] < n) & (rm[None, :] < n),
+                     other=0.0)
+        y = 0.5 * (g + tl.trans(gt)) * tl.load(INV + b)
+        rr = tl.arange(0, BR)
+        for k in range(0, r, BR):
+            kk = k + rr
+            lt = tl.load(L + b * n * r + rm[:, None] * r + kk[None, :], mask=(rm[:, None] < n) & (kk[None, :] < r),
+                         other=0.0)
+            rt = tl.load(R + b * n * r + kk[:, None] * n + rn[None, :], mask=(kk[:, None] < r) & (rn[None, :] < n),
+                         other=0.0)
+            y += tl.dot(lt, rt, input_precision="tf32x3")
+        if ti == tj:
+            y = 0.5 * (y + tl.trans(y))
+        diag = (rm[:, None] == rn[None, :]) & inside
+        w = tl.where(ti == tj, 1.0, 2.0)
+        if WRITE:
+            y_low = (y * tl.load(SCALE + b)).to(Y.dtype.element_ty)
+            tl.store(Y + b * n * n + rm[:, None] * n + rn[None, :], y_low, mask=inside)
+            if ti != tj:
+                tl.store(Y + b * n * n + rn[:, None] * n + rm[None, :], tl.trans(y_low),
+                         mask=(rn[:, None] < n) & (rm[None, :] < n))
+            y = y_low.to(tl.float32)
         part = PART + (b * tl.num_programs(0) + pid) * 2
-        tl.store(part, tl.sum(tl.sum(yr * yr, 1), 0))
-        tl.store(part + 1, tl.sum(tl.sum(yr * xt, 1), 0))
+        tl.store(part, w * tl.sum(tl.sum(y * y, 1), 0))
+        tl.store(part + 1, tl.sum(tl.sum(tl.where(diag, y, 0.0), 1), 0))
 
-    return step
+    @triton.jit
+    def thin(G, Q, Y, n, w, BM: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr):
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        rm = pid * BM + tl.arange(0, BM)
+        rk = tl.arange(0, BK)
+        rw = tl.arange(0, BW)
+        acc = tl.zeros((BM, BW), dtype=tl.float32)
+        for k in range(0, n, BK):
+            kk = k + rk
+            g = tl.load(G + b * n * n + rm[:, None] * n + kk[None, :], mask=(rm[:, None] < n) & (kk[None, :] < n),
+                        other=0.0)
+            q = tl.load(Q + b * n * w + kk[:, None] * w + rw[None, :], mask=(kk[:, None] < n) & (rw[None, :] < w),
+                        other=0.0).to(tl.float32)
+            acc = tl.dot(g, q, acc, input_precision="tf32x3")
+        tl.store(Y + b * n * w + rm[:, None] * w + rw[None, :], acc.to(tl.float64),
+                 mask=(rm[:, None] < n) & (rw[None, :] < w))
+
+    return step, deflate, thin
 
 
-def triton_usable(t: torch.Tensor) -> bool:
-    """True where the fused kernel runs by default: half precision on CUDA with Triton installed."""
-    if not (t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)):
-        return False
+def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -124,52 +207,185 @@ def triton_usable(t: torch.Tensor) -> bool:
     return True
 
 
-def cheb_step(A: torch.Tensor, X: torch.Tensor, P: torch.Tensor | None, alpha: torch.Tensor, beta: float,
-              *, fused: bool | None = None, blocks: tuple[int, int, int] = (128, 128, 64), warps: int = 8,
-              stages: int = 4):
-    """(Y, ||Y||^2, <Y, X>) per matrix; A, X, P (B or 1, n, n) in one dtype, alpha (B,); sums in float64.
+def triton_usable(t: torch.Tensor) -> bool:
+    """True where the fused kernels run by default: half precision on CUDA with Triton installed."""
+    return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and _has_triton()
 
-    A batch dimension of size 1 is broadcast (the identity as P). ``fused`` None picks the Triton kernel
-    where ``triton_usable`` (and falls back to torch, with a warning, if it fails to build), True forces
-    it (CPU tensors need ``TRITON_INTERPRET=1``), False the torch version. ``blocks`` are its tile sizes
+
+_FAILED: list[Exception] = []  # set once a kernel has failed to build or run here
+
+
+def _run_fused(auto: bool, fused_call, torch_call):
+    """The kernel where it runs; on its first failure where it was picked automatically, a warning and torch."""
+    if auto and _FAILED:
+        return torch_call()
+    try:
+        return fused_call()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a GPU or Triton the kernel does not build for
+        if not auto:
+            raise
+        _FAILED.append(exc)
+        warnings.warn(f"a fused Triton kernel of the spectral estimate failed ({type(exc).__name__}: {exc}); "
+                      "using torch operations", stacklevel=3)
+    return torch_call()
+
+
+@lru_cache(maxsize=32)
+def _pairs(tiles: int, device: torch.device) -> torch.Tensor:
+    """(i, j) for the tiles on and above the diagonal of a tiles x tiles grid, row by row, int32 on ``device``."""
+    idx = torch.triu_indices(tiles, tiles)
+    return idx.T.contiguous().to(torch.int32).to(device)
+
+
+def _as_batch(v, B: int, device) -> torch.Tensor:
+    """A float32 (B,) tensor on ``device``; a Python scalar becomes one by a fill, not a host copy (no sync)."""
+    if not torch.is_tensor(v):
+        return torch.full((B,), float(v), dtype=torch.float32, device=device)
+    return v.to(device=device, dtype=torch.float32).expand(B).contiguous()
+
+
+def cheb_step(A: torch.Tensor, X: torch.Tensor, P: torch.Tensor | None, alpha: torch.Tensor | float,
+              beta: torch.Tensor | float,
+              *, gamma: torch.Tensor | float = -1.0, delta: float = 0.0, symmetric: bool = False,
+              fused: bool | None = None, blocks: tuple[int, int, int] = (128, 128, 64), warps: int = 8,
+              stages: int = 4):
+    """(Y, ||Y||^2, <Y, X>) per matrix; A, X, P (B or 1, n, n) in one dtype, alpha, beta and gamma (B,)
+    tensors or scalars, delta a scalar; sums in float64.
+
+    A batch dimension of size 1 is broadcast (the identity as P). ``symmetric`` promises that A X is
+    symmetric (A and X commuting symmetric matrices): the kernel then computes the upper tiles only and
+    mirrors them (the torch version ignores it). ``fused`` None picks the Triton kernel where
+    ``triton_usable`` (and falls back to torch, with a warning, if it fails to build), True forces it (CPU
+    tensors need ``TRITON_INTERPRET=1``), False the torch version. ``blocks`` are its tile sizes
     (BM, BN, BK), ``warps`` and ``stages`` its launch settings (benchmarks/profile_analysis.py times a few).
     """
     B = max(A.shape[0], X.shape[0])
     n = X.shape[-1]
+    alpha = _as_batch(alpha, B, X.device)
+    beta = _as_batch(beta, B, X.device)
+    gamma = _as_batch(gamma, B, X.device)
     auto = fused is None
     if auto:
-        fused = triton_usable(X) and not _FAILED
-    if fused:
-        try:
-            return _fused_step(A, X, P, alpha, beta, B, n, blocks, warps, stages)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a GPU or Triton the kernel does not build for
-            if not auto:
-                raise
-            _FAILED.append(exc)
-            warnings.warn(f"the fused Triton step failed ({type(exc).__name__}: {exc}); using torch operations",
-                          stacklevel=2)
-    return _torch_step(A.expand(B, n, n), X.expand(B, n, n), None if P is None else P.expand(B, n, n),
-                       alpha.expand(B), beta)
+        fused = triton_usable(X)
+
+    def torch_call():
+        return _torch_step(A.expand(B, n, n), X.expand(B, n, n), None if P is None else P.expand(B, n, n),
+                           alpha, beta, gamma, delta)
+
+    if not fused:
+        return torch_call()
+    return _run_fused(auto, lambda: _fused_step(A, X, P, alpha, beta, gamma, delta, symmetric, B, n, blocks,
+                                                warps, stages), torch_call)
 
 
-_FAILED: list[Exception] = []  # set once the kernel has failed to build or run here
+def _launch(X: torch.Tensor, warps: int, stages: int) -> dict:
+    return {} if not X.is_cuda else dict(num_warps=warps, num_stages=stages)
 
 
-def _fused_step(A, X, P, alpha, beta, B, n, blocks, warps, stages):
+def _fused_step(A, X, P, alpha, beta, gamma, delta, symmetric, B, n, blocks, warps, stages):
     BM, BN, BK = blocks
+    if symmetric and BM != BN:
+        raise ValueError(f"a symmetric step needs square tiles, got {blocks}")
     A, X = A.contiguous(), X.contiguous()
     has_p = P is not None
     P = P.contiguous() if has_p else X
     Y = torch.empty(B, n, n, dtype=X.dtype, device=X.device)
-    tiles = ((n + BM - 1) // BM) * ((n + BN - 1) // BN)
-    part = torch.empty(B, tiles, 2, dtype=torch.float32, device=X.device)
+    tm, tn = (n + BM - 1) // BM, (n + BN - 1) // BN
+    pairs = _pairs(tm, X.device) if symmetric else alpha  # (an unused pointer when not symmetric)
+    per_matrix = tm * (tm + 1) // 2 if symmetric else tm * tn
+    even = n % BM == 0 and n % BN == 0 and n % BK == 0
+    part = torch.empty(B, per_matrix, 2, dtype=torch.float32, device=X.device)
     stride = [0 if t.shape[0] == 1 else n * n for t in (A, X, P)]
-    interpreted = not X.is_cuda
-    _kernel()[(tiles, B)](A, X, P, Y, alpha.to(torch.float32).expand(B).contiguous(), part, n, *stride,
-                          float(beta), HAS_P=has_p, EVEN=n % BM == 0 and n % BN == 0 and n % BK == 0,
-                          BM=BM, BN=BN, BK=BK,
-                          **({} if interpreted else dict(num_warps=warps, num_stages=stages)))
+    _kernels()[0][(B * per_matrix,)](A, X, P, Y, alpha, beta, gamma, part, pairs, n, *stride, float(delta),
+                                     per_matrix, HAS_P=has_p, SYM=symmetric, EVEN=even, BM=BM, BN=BN, BK=BK,
+                                     **_launch(X, warps, stages))
     sums = part.sum(1, dtype=torch.float64)
     return Y, sums[:, 0], sums[:, 1]
+
+
+def times_block(G: torch.Tensor, Q: torch.Tensor, *, fused: bool | None = None, block: int = 64,
+                warps: int = 4, stages: int = 3) -> torch.Tensor:
+    """G @ Q in float64 for a float32 (or float64) G (B, n, n) and a float64 block Q (B, n, w).
+
+    The subspace iteration's product. On GPUs one kernel reads G once and Q as float64, and multiplies
+    in three TF32 passes (``input_precision="tf32x3"``: float32 accuracy on tensor cores), where torch
+    would convert Q to float32, multiply on CUDA cores and convert the result back. ``fused`` as in
+    ``cheb_step`` (auto: float32 G on CUDA with Triton).
+    """
+    B, n, w = Q.shape
+    auto = fused is None
+    if auto:
+        fused = G.dtype == torch.float32 and G.is_cuda and _has_triton()
+
+    def torch_call():
+        if G.dtype == torch.float64:
+            return G @ Q
+        return (G @ Q.to(G.dtype)).double()
+
+    if not fused:
+        return torch_call()
+
+    def fused_call():
+        Gc, Qc = G.float().contiguous(), Q.double().contiguous()
+        Y = torch.empty(B, n, w, dtype=torch.float64, device=G.device)
+        bw = max(16, 1 << (w - 1).bit_length())
+        _kernels()[2][((n + block - 1) // block, B)](Gc, Qc, Y, n, w, BM=block, BK=32, BW=bw,
+                                                      **_launch(G, warps, stages))
+        return Y
+
+    return _run_fused(auto, fused_call, torch_call)
+
+
+def _torch_deflate(G, inv, L, R, scale, dtype):
+    wide = _wide(dtype)
+    Gw = G.to(wide)
+    y = 0.5 * (Gw + Gw.transpose(-1, -2)) * inv.to(wide)[:, None, None] + L.to(wide) @ R.to(wide)
+    y = 0.5 * (y + y.transpose(-1, -2))
+    if scale is not None:
+        Y = (y * scale.to(wide)[:, None, None]).to(dtype)
+        y = Y.to(wide)
+    else:
+        Y = None
+    sq = (y * y).sum((-2, -1), dtype=torch.float64)
+    tr = y.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.float64)
+    return Y, sq, tr
+
+
+def deflated_half(G: torch.Tensor, inv: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
+                  scale: torch.Tensor | None, dtype: torch.dtype, *, fused: bool | None = None,
+                  block: int = 64, warps: int = 4):
+    """(Y, ||Y||^2, tr Y): Y = scale * (sym(G) * inv + L @ R) stored in ``dtype`` and exactly symmetric;
+    G (B, n, n), inv and scale (B,), L (B, n, r), R (B, r, n). ``scale`` None: no Y, the sums of the
+    unrounded matrix (float32 on the kernel's path). ``fused`` as in ``cheb_step``.
+    """
+    B, n, _ = G.shape
+    auto = fused is None
+    if auto:
+        fused = G.is_cuda and dtype in (torch.float16, torch.bfloat16) and _has_triton()
+
+    def torch_call():
+        return _torch_deflate(G, inv, L, R, scale, dtype)
+
+    if not fused:
+        return torch_call()
+
+    def fused_call():
+        r = L.shape[-1]
+        Gc = G.float().contiguous()
+        Lc = L.float().contiguous()
+        Rc = R.float().contiguous()
+        tiles = (n + block - 1) // block
+        pairs = _pairs(tiles, G.device)
+        count = tiles * (tiles + 1) // 2
+        write = scale is not None
+        Y = torch.empty(B, n, n, dtype=dtype, device=G.device) if write else Gc
+        sc = _as_batch(scale if write else 1.0, B, G.device)
+        part = torch.empty(B, count, 2, dtype=torch.float32, device=G.device)
+        _kernels()[1][(count, B)](Gc, Lc, Rc, _as_batch(inv, B, G.device), sc, Y, part, pairs, n, r,
+                                  WRITE=write, BM=block, BR=32, **_launch(G, warps, 1))
+        sums = part.sum(1, dtype=torch.float64)
+        return (Y if write else None), sums[:, 0], sums[:, 1]
+
+    return _run_fused(auto, fused_call, torch_call)

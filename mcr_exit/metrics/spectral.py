@@ -74,6 +74,7 @@ def spectral_terms(
     *,
     compute_dtype: torch.dtype = torch.float64,
     gram_dtype: torch.dtype | None = None,
+    padded: bool | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """First half of ``spectral_stats``: the cheap per-row terms and the smaller Gram matrix.
 
@@ -81,7 +82,8 @@ def spectral_terms(
     Splitting lets a caller run the eigenvalue step elsewhere (another thread, another device).
     ``gram_dtype`` float32 builds the Gram matrix and the terms from float32 copies (sums still in
     ``compute_dtype``); for bfloat16/float16 hidden states on a GPU the products then run on TF32 tensor
-    cores, which hold those inputs exactly.
+    cores, which hold those inputs exactly. ``padded`` False promises that every row is ``T`` long (the
+    caller knows it without reading ``lengths`` from the device), which saves masking the Gram matrix.
     """
     if X.dim() == 2:
         X = X.unsqueeze(0)
@@ -94,7 +96,7 @@ def spectral_terms(
     valid = torch.arange(T, device=X.device)[None, :] < lengths[:, None]  # (B, T)
     work_dtype = gram_dtype or compute_dtype
     if work_dtype == torch.float32 and T <= d and X.is_cuda and X.dtype in (torch.bfloat16, torch.float16):
-        return _terms_from_gram(X, lengths, valid, compute_dtype)
+        return _terms_from_gram(X, lengths, valid, compute_dtype, padded)
     Xc = X.to(work_dtype) * valid[..., None]
     row_sq = (Xc * Xc).sum(-1, dtype=compute_dtype)  # (B, T)
     dots = torch.einsum("btd,bd->bt", Xc[:, 1:], Xc[:, 0]).to(compute_dtype)
@@ -115,13 +117,13 @@ def _half_gram(X: torch.Tensor) -> torch.Tensor:
     return Xf @ Xf.transpose(1, 2)
 
 
-def _terms_from_gram(X, lengths, valid, compute_dtype):
+def _terms_from_gram(X, lengths, valid, compute_dtype, padded=None):
     """GPU path of ``spectral_terms`` for T <= d: one half-precision product with float32 output gives the
     Gram matrix, and the terms are read off it (row norms on its diagonal, <x_i, x_0> in its first row)."""
     B, T, d = X.shape
     gram = _half_gram(X)
-    vv = (valid[:, :, None] & valid[:, None, :]).to(gram.dtype)
-    gram = gram * vv  # padding rows and columns out
+    if padded is not False:
+        gram.mul_((valid[:, :, None] & valid[:, None, :]).to(gram.dtype))  # padding rows and columns out
     row_sq = gram.diagonal(dim1=-2, dim2=-1).to(compute_dtype)
     return _terms(row_sq, gram[:, 0, 1:].to(compute_dtype), lengths, d), gram
 

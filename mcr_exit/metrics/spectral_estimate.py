@@ -5,16 +5,20 @@ memory- and latency-bound (tridiagonalization), while a forward pass is bound by
 module gets what the analysis needs from the spectrum of rho = G / tr(G) - the entropy
 H = -sum_i lambda_i log lambda_i and the three largest eigenvalues - from batched matrix products:
 
-1. Top eigenpairs by subspace iteration (products of rho with a tall, thin block, shifted Cholesky QR)
-   and Rayleigh-Ritz in float64 (``width`` pairs). Pairs whose residual ||rho v - theta v|| is at most
-   ``tol * theta`` are deflated by projection, in float64: rho_d = (I - V V^T) rho (I - V V^T), which
-   stays positive semidefinite. The three largest Ritz values give sigma_1..3^2 and the anisotropy.
+1. Top eigenpairs by subspace iteration (products of G with a tall, thin block, shifted Cholesky QR in
+   float64) and Rayleigh-Ritz in float64 (``width`` pairs). Pairs whose residual ||rho v - theta v|| is
+   at most ``tol * theta`` are deflated by projection: rho_d = (I - V V^T) rho (I - V V^T), which stays
+   positive semidefinite, written as rho plus a low-rank update and made tile by tile from G
+   (``cheb_step.deflated_half``), exactly symmetric, as S = rho_d / ||rho_d||_F in the storage dtype.
+   The three largest Ritz values give sigma_1..3^2 and the anisotropy.
 2. An upper bound s >= ||rho_d||_2 from repeated squaring: ||rho_d^(2^q)||_F^(2^-q) overestimates the
    largest eigenvalue by at most a factor n^(2^-(q+1)) (1.11 for n = 1024, q = 5).
 3. The sum of f(lambda) = -lambda log lambda over the spectrum of rho_d from its Chebyshev moments
-   tr T_j(2 rho_d / s - I), j = 0..D, which m = D / 2 matrix products give exactly
-   (tr T_2j = 2 ||T_j||_F^2 - n, tr T_2j+1 = 2 <T_j+1, T_j>_F - tr T_1), and the Chebyshev
-   interpolant of -u log u on [0, 1] of degree D: sum f = s * sum_j c_j mu_j - tr(rho_d) log s.
+   tr T_j(2 rho_d / s - I), j = 0..D, which m - 1 = D / 2 - 1 products of symmetric matrices give exactly
+   (tr T_2j = 2 ||T_j||_F^2 - n, tr T_2j+1 = 2 <T_j+1, T_j>_F - tr T_1; T_1 is never stored), and the
+   Chebyshev interpolant of -u log u on [0, 1] of degree D: sum f = s * sum_j c_j mu_j - tr(rho_d) log s.
+   Every product is symmetric (polynomials in one matrix), so the fused kernel computes only the tiles on
+   and above the diagonal.
 
 Error terms: (a) interpolation: the interpolant of degree D is within E_D ~ 0.45 / D^2 of -u log u on
 [0, 1] (1.1e-4 at D = 64, ``interpolation_error``), so the deflated part's entropy is within
@@ -33,7 +37,7 @@ from functools import lru_cache
 
 import torch
 
-from mcr_exit.metrics.cheb_step import cheb_step, tf32
+from mcr_exit.metrics.cheb_step import cheb_step, deflated_half, tf32, times_block
 
 _TINY = 1e-300
 
@@ -108,36 +112,26 @@ def _svqb(Y: torch.Tensor, rcond: float = 1e-14) -> torch.Tensor:
 
 
 def _cholqr(Y: torch.Tensor) -> torch.Tensor:
-    """Orthonormalize the columns of Y (B, n, w) by shifted Cholesky QR; no host synchronization.
+    """Orthonormalize the columns of Y (B, n, w), float64, by shifted Cholesky QR; no host synchronization.
 
-    The shift keeps the factorization defined when columns are dependent; the final basis comes from
-    ``_svqb``, which is exact about dependence.
+    Q = Y L^-T with C = Y^T Y + shift = L L^T, through the inverse of the small factor L (a w x w solve and
+    a product, where a triangular solve with n right-hand sides is a slow kernel on GPUs). The shift keeps
+    the factorization defined when columns are dependent; the final basis comes from ``_svqb``, which is
+    exact about dependence.
     """
-    Yd = Y.double()
-    C = Yd.transpose(-1, -2) @ Yd
+    C = Y.transpose(-1, -2) @ Y
+    w = C.shape[-1]
+    eye = torch.eye(w, dtype=C.dtype, device=C.device)
     shift = 1e-14 * C.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=_TINY)
-    C = C + shift[:, None, None] * torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
-    L = torch.linalg.cholesky_ex(C).L
-    Yd = torch.linalg.solve_triangular(L.transpose(-1, -2), Yd, upper=True, left=False)
-    Yd = torch.nan_to_num(Yd, nan=0.0, posinf=0.0, neginf=0.0)  # a failed factorization loses its block
-    return Yd.to(Y.dtype)
+    L = torch.linalg.cholesky_ex(C + shift[:, None, None] * eye).L
+    L_inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    return torch.nan_to_num(Y @ L_inv.transpose(-1, -2), nan=0.0, posinf=0.0, neginf=0.0)  # a failed factorization loses its block
 
 
 def _storage(device: torch.device, storage) -> torch.dtype:
     if storage is not None:
         return storage
     return torch.float16 if device.type == "cuda" else torch.float64
-
-
-def _sq_norm(a: torch.Tensor) -> torch.Tensor:
-    """||a||_F^2 per matrix, accumulated in float32 or better, as float64."""
-    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(a, dim=(-2, -1), dtype=acc).double() ** 2
-
-
-def _scaled(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x * scale (one factor per matrix), computed in x's dtype and written in ``dtype``: one pass."""
-    return torch.mul(x, scale[:, None, None], out=torch.empty(x.shape, dtype=dtype, device=x.device))
 
 
 @lru_cache(maxsize=16)
@@ -182,27 +176,24 @@ def estimate_spectrum(
         raise ValueError(f"degree must be even and >= 2, got {degree}")
     f64, dev = torch.float64, gram.device
     sd = _storage(dev, storage)
-    wd = torch.float64 if sd == torch.float64 else torch.float32  # working dtype of rho and the thin blocks
+    wd = torch.float64 if sd == torch.float64 else torch.float32  # working dtype of the Gram matrix and thin blocks
     total = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=f64)
-    # rho in float64 and exactly symmetric: a product X X^T is not, to its last bits, and the deflation
-    # formula below assumes symmetry (an antisymmetric residue would not be PSD, and Chebyshev steps
-    # outside [-1, 1] diverge)
-    rho64 = gram / (2 * total.clamp(min=_TINY))[:, None, None]  # float64 by type promotion
-    rho64 = rho64 + rho64.transpose(-1, -2)
-    rho = rho64.to(wd)
+    inv = 1.0 / total.clamp(min=_TINY)
+    G = gram.to(wd)  # rho = sym(G) / tr G; nothing n x n is made from it but the deflated matrix below
 
     with tf32(False):
-        # 1. top eigenpairs: subspace iteration (thin products with rho in the working dtype), then
-        #    Rayleigh-Ritz and the deflation in float64, so that a tail far below a massive direction
-        #    keeps its own precision (the Gram matrix is accurate entry by entry; rounding the
-        #    subtraction at the scale of the top eigenvalue would not be)
+        # 1. top eigenpairs: subspace iteration (products of G with a float64 block, float32-accurate;
+        #    the scale of G does not matter to it; orthonormalized in float64), then Rayleigh-Ritz in
+        #    float64 from one more product. Float32 products are as accurate as the float32 Gram matrix
+        #    itself; errors in rho V only couple the deflated subspace to the rest, which moves the
+        #    remaining eigenvalues at second order (a float64 product measured no difference). The
+        #    deflated matrix below is made exactly symmetric, tile by tile.
         w = min(width, n)
-        Q = _start_block(n, w, seed, dev, wd).expand(B, n, w)
+        Q = _start_block(n, w, seed, dev, f64).expand(B, n, w)
         for _ in range(iterations):
-            Q = _cholqr(rho @ Q)
-        del rho
-        Q = _svqb(Q.double())
-        RQ = rho64 @ Q
+            Q = _cholqr(times_block(G, Q, fused=fused))
+        Q = _svqb(Q)
+        RQ = times_block(G, Q, fused=fused) * inv[:, None, None]
         theta, W = _eigh(_sym(Q.transpose(-1, -2) @ RQ))
         theta, W = theta.flip(-1), W.flip(-1)
         V, C = Q @ W, RQ @ W  # Ritz vectors and rho V
@@ -212,50 +203,56 @@ def estimate_spectrum(
         top_all = theta.clamp(min=0) * real
         th = top_all * keep
         V, C = V * keep[:, None, :], C * keep[:, None, :]
-        # (I - VV^T) rho (I - VV^T) = rho + [V, -C] [theta V^T - C^T; V^T]  (V^T rho V = diag(theta))
+        # rho_d = (I - VV^T) rho (I - VV^T) = rho + [V, -C] [theta V^T - C^T; V^T]  (V^T rho V = diag(theta)),
+        # made tile by tile from G in one pass for its norm and one that writes it, scaled, in ``sd``
         left = torch.cat([V, -C], -1)
         right = torch.cat([th[:, :, None] * V.transpose(-1, -2) - C.transpose(-1, -2), V.transpose(-1, -2)], -2)
-        rho_d = torch.baddbmm(rho64, left, right)
-    del rho64, RQ, C, left, right
-    tr_d = rho_d.diagonal(dim1=-2, dim2=-1).sum(-1)
-
-    # 2. s >= ||rho_d||_2 by repeated squaring. S_k+1 = S_k S_k / ||S_k||^2 stays in range; with
-    #    rho_d^(2^k) = exp(log_scale) S_k, log_scale doubles and gains log ||S_k||^2 at each step
-    nrm = _sq_norm(rho_d).sqrt().clamp(min=_TINY)
-    S = _scaled(rho_d, 1.0 / nrm, sd)
+    del RQ, C, V
+    _, nrm2, _ = deflated_half(G, inv, left, right, None, sd, fused=fused)
+    nrm = nrm2.sqrt().clamp(min=_TINY)
+    # S = rho_d / ||rho_d||, as stored: every later quantity is a function of this matrix, so its own
+    # norm and trace (not rho_d's) enter the sums
+    S, sq, tr_s = deflated_half(G, inv, left, right, 1.0 / nrm, sd, fused=fused)
+    del G, left, right
+    tr_d = nrm * tr_s
     log_scale = torch.log(nrm)
-    sq = _sq_norm(S).clamp(min=_TINY)
+    sq = sq.clamp(min=_TINY)
+    sq_s = sq
+
     with tf32(sd == torch.float32):
+        # 2. s >= ||rho_d||_2 by repeated squaring. S_k+1 = S_k S_k / ||S_k||^2 stays in range; with
+        #    rho_d^(2^k) = exp(log_scale) S_k, log_scale doubles and gains log ||S_k||^2 at each step
+        Sk = S
         for _ in range(squarings):
-            S, sq_next, _ = cheb_step(S, S, None, (1.0 / sq).float(), 0.0, fused=fused)
+            Sk, sq_next, _ = cheb_step(Sk, Sk, None, 1.0 / sq, 0.0, symmetric=True, fused=fused)
             log_scale = 2 * log_scale + torch.log(sq)
             sq = sq_next.clamp(min=_TINY)
-        del S
+        del Sk
         s = (torch.exp((log_scale + 0.5 * torch.log(sq)) / 2**squarings) * 1.02).clamp(min=_TINY)
 
-        # 3. Chebyshev moments of A = 2 Bm - I, Bm = rho_d / s (spectrum in [0, 1)):
-        #    T_j+1 = 2 A T_j - T_j-1 = 4 Bm T_j - 2 T_j - T_j-1, each step also giving ||T_j+1||^2 and <T_j+1, T_j>
+        # 3. Chebyshev moments of A = 2 Bm - I, Bm = rho_d / s = c S (c = ||rho_d|| / s, spectrum in [0, 1)):
+        #    T_1 = 2c S - I is never stored (its norm and trace follow from S's), T_2 = 8c^2 S^2 - 8c S + I,
+        #    T_3 = 4c S T_2 - 2 T_2 - (2c S - I), T_j+1 = 4c S T_j - 2 T_j - T_j-1; each step also gives
+        #    ||T_j+1||^2 and <T_j+1, X> (X = S for T_2, T_j after)
         m = degree // 2
-        Bm = _scaled(rho_d, 1.0 / s, sd)
-        del rho_d
-        eye = torch.eye(n, dtype=sd, device=dev)[None]
-        T_prev, T = eye, 2 * Bm - eye
-        tr1 = 2 * tr_d / s - n
-        mu = [torch.full_like(s, float(n)), tr1, 2 * _sq_norm(T) - n]
-        four = torch.full((B,), 4.0, device=dev)
-        sqs, dots = [], []
-        for _ in range(1, m):
-            T_next, sq_j, dot_j = cheb_step(Bm, T, T_prev, four, -2.0, fused=fused)
-            dots.append(dot_j)
-            sqs.append(sq_j)
-            T_prev, T = T, T_next
-        del T_prev, T, Bm
-    if sqs:  # tr T_2j+1 = 2 <T_j+1, T_j> - tr T_1 and tr T_2j+2 = 2 ||T_j+1||^2 - n, j = 1..m-1
-        odd_even = torch.stack([2 * torch.stack(dots, -1) - tr1[:, None], 2 * torch.stack(sqs, -1) - n], -1)
-        mu.append(odd_even.flatten(-2))
-    mu = torch.cat([torch.stack(mu[:3], -1), *mu[3:]], -1)
-    c = _coefficients_on(degree, dev)
-    h_rest = s * (mu * c).sum(-1) - tr_d * torch.log(s)
+        c = nrm / s
+        tr1 = 2 * c * tr_s - n
+        sq1 = 4 * c * c * sq_s - 4 * c * tr_s + n  # ||T_1||^2
+        mu = [torch.full_like(s, float(n)), tr1, 2 * sq1 - n]
+        if m >= 2:  # tr T_2j = 2 ||T_j||^2 - n,  tr T_2j+1 = 2 <T_j+1, T_j> - tr T_1
+            T, sq_j, dot_s = cheb_step(S, S, None, 8 * c * c, -8 * c, delta=1.0, symmetric=True, fused=fused)
+            mu += [2 * (2 * c * dot_s - mu[2]) - tr1, 2 * sq_j - n]  # <T_2, T_1> = 2c <T_2, S> - tr T_2
+            T_prev, P, gamma, delta = None, S, -2 * c, 1.0  # T_1 = 2c S - I as P
+            for _ in range(2, m):
+                T_next, sq_j, dot_j = cheb_step(S, T, P, 4 * c, -2.0, gamma=gamma, delta=delta, symmetric=True,
+                                                fused=fused)
+                mu += [2 * dot_j - tr1, 2 * sq_j - n]
+                P, T, gamma, delta = T, T_next, -1.0, 0.0
+            del T, P, T_prev
+        del S
+    mu = torch.stack(mu, -1)
+    c_j = _coefficients_on(degree, dev)
+    h_rest = s * (mu * c_j).sum(-1) - tr_d * torch.log(s)
     # a remainder below 1e-12 (relative to the trace) is rounding: its entropy is under n * 3e-11; with
     # all n pairs deflated there is no remainder
     h_rest = torch.where((s > 1e-12) & (keep.sum(-1) < n), h_rest, torch.zeros_like(h_rest))

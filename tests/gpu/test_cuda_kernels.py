@@ -62,6 +62,46 @@ def test_fused_step_kernel_equals_the_torch_step(n):
     torch.testing.assert_close(dot, dotr, rtol=1e-5, atol=1e-2)
 
 
+@pytest.mark.parametrize("n", [1024, 700])
+def test_compiled_symmetric_step_and_deflation_kernels_equal_their_interpreted_checks(n):
+    """The kernels tests/metrics/test_cheb_step.py runs in the interpreter, compiled, at the estimate's sizes."""
+    from tests.metrics.test_cheb_step import _commuting
+    from mcr_exit.metrics.cheb_step import cheb_step, deflated_half
+
+    S, T = (t.cuda() for t in _commuting(3, n, seed=n))
+    alpha = torch.tensor([4.0, 3.0, 2.0], device="cuda")
+    Y, sq, dot = cheb_step(S, T, S, alpha, -2.0, gamma=alpha / -2, delta=1.0, symmetric=True, fused=True)
+    Yr, sqr, dotr = cheb_step(S, T, S, alpha, -2.0, gamma=alpha / -2, delta=1.0, fused=False)
+    assert torch.equal(Y, Y.transpose(1, 2))
+    assert ((Y.float() - Yr.float()).abs() <= 2e-3 * Yr.float().abs() + 1e-4).all()
+    torch.testing.assert_close(sq, (Y.double() ** 2).sum((1, 2)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(dot, (Y.double() * T.double()).sum((1, 2)), rtol=1e-5, atol=1e-2)
+    g = torch.Generator(device="cuda").manual_seed(n)
+    X = torch.randn(2, n, 2 * n, generator=g, device="cuda")
+    G = X @ X.transpose(1, 2)
+    inv = 1.0 / G.diagonal(dim1=1, dim2=2).sum(-1, dtype=torch.float64)
+    L = torch.randn(2, n, 64, generator=g, device="cuda") * 1e-3
+    R = L.transpose(1, 2).contiguous()  # a symmetric low-rank update
+    scale = torch.tensor([30.0, 60.0], device="cuda", dtype=torch.float64)
+    Y, sq, tr = deflated_half(G, inv, L, R, scale, torch.float16, fused=True)
+    Yr, sqr, trr = deflated_half(G, inv, L, R, scale, torch.float16, fused=False)
+    assert torch.equal(Y, Y.transpose(1, 2))
+    assert ((Y.float() - Yr.float()).abs() <= 2e-3 * Yr.float().abs() + 1e-4).all()
+    torch.testing.assert_close(sq, sqr, rtol=1e-4, atol=0)
+    torch.testing.assert_close(tr, trr, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_block_product_has_float32_accuracy():
+    """Three TF32 passes: the error of a float32 product, not of one TF32 pass (~1e-3 relative)."""
+    from mcr_exit.metrics.cheb_step import times_block
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    G = torch.randn(4, 1024, 1024, generator=g, device="cuda")
+    Q = torch.randn(4, 1024, 64, generator=g, device="cuda", dtype=torch.float64)
+    err = (times_block(G, Q, fused=True) - G.double() @ Q).abs().max() / (G.double().abs() @ Q.abs()).max()
+    assert err < 1e-6
+
+
 def test_the_gpu_estimate_matches_float64_eigenvalues():
     from mcr_exit.metrics.spectral_estimate import estimate_spectrum
     from tests.metrics.test_spectral_estimate import _hidden_like

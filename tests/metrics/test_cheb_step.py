@@ -60,6 +60,77 @@ def test_fused_squaring_step_scales_per_matrix(interpreted):
     torch.testing.assert_close(sq, (Y.double() ** 2).sum((1, 2)), rtol=1e-6, atol=0)
 
 
+def _commuting(B: int, n: int, seed: int):
+    """S (B, n, n) symmetric PSD in float16, and T = p(S) for a polynomial p: A X is symmetric."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(B, n, n, generator=g, dtype=torch.float64)
+    S64 = M @ M.transpose(1, 2) / (8 * n)
+    T64 = 2 * S64 @ S64 - 3 * S64 + torch.eye(n, dtype=torch.float64)
+    return S64.half(), T64.half()
+
+
+@pytest.mark.parametrize("n,blocks", [(96, (128, 128, 64)), (100, (32, 32, 32)), (128, (64, 64, 32))])
+def test_symmetric_step_with_gamma_and_delta_equals_the_torch_step(interpreted, n, blocks):
+    """Upper tiles only, mirrored: the same values as the full product up to its float32 rounding, an
+    exactly symmetric result, and norms that count each off-diagonal tile twice (delta on the diagonal
+    of partial tiles included)."""
+    S, T = _commuting(3, n, seed=n)
+    alpha, beta, gamma = torch.tensor([4.0, 3.0, 2.0]), torch.tensor([-2.0, -1.5, 0.5]), torch.tensor([-2.0, -1.0, -0.5])
+    Y, sq, dot = cs.cheb_step(S, T, S, alpha, beta, gamma=gamma, delta=1.0, symmetric=True, fused=True,
+                              blocks=blocks)
+    Yr, sqr, dotr = cs.cheb_step(S, T, S, alpha, beta, gamma=gamma, delta=1.0, fused=False)
+    assert torch.equal(Y, Y.transpose(1, 2))
+    ulp = torch.finfo(torch.float16).eps * Yr.float().abs()
+    assert ((Y.float() - Yr.float()).abs() <= 2 * ulp + 1e-4).all()
+    torch.testing.assert_close(sq, (Y.double() ** 2).sum((1, 2)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(dot, (Y.double() * T.double()).sum((1, 2)), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(sq, sqr, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("n", [96, 128])
+def test_deflated_matrix_kernel_equals_the_torch_version(interpreted, n):
+    """Y = scale (sym(G) / tr G + [V, -C] [theta V^T - C^T; V^T]) from a float32 Gram matrix whose last bits
+    are not symmetric: exactly symmetric, norm and trace of Y as stored, and a norm-only pass."""
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2, n, 3 * n, generator=g)
+    G = X @ X.transpose(1, 2)
+    G[:, 0, 1] *= 1 + 1e-6  # not symmetric to the last bits, as a float32 product may be
+    inv = 1.0 / G.diagonal(dim1=1, dim2=2).sum(-1, dtype=torch.float64)
+    rho = 0.5 * (G + G.transpose(1, 2)).double() * inv[:, None, None]
+    V = torch.linalg.eigh(rho).eigenvectors[..., -5:]  # the top eigenvectors, as the estimate deflates
+    C = rho @ V
+    th = (V * C).sum(1)
+    L = torch.cat([V, -C], -1)
+    R = torch.cat([th[:, :, None] * V.transpose(1, 2) - C.transpose(1, 2), V.transpose(1, 2)], 1)
+    scale = torch.tensor([50.0, 200.0], dtype=torch.float64)
+    _, nrm2, tr = cs.deflated_half(G, inv, L, R, None, torch.float16, fused=True)
+    _, nrm2_r, tr_r = cs.deflated_half(G, inv, L, R, None, torch.float16, fused=False)
+    torch.testing.assert_close(nrm2, nrm2_r, rtol=1e-4, atol=0)
+    torch.testing.assert_close(tr, tr_r, rtol=1e-4, atol=1e-6)
+    Y, sq, tr_y = cs.deflated_half(G, inv, L, R, scale, torch.float16, fused=True)
+    Yr, _, _ = cs.deflated_half(G, inv, L, R, scale, torch.float16, fused=False)
+    assert torch.equal(Y, Y.transpose(1, 2))
+    ulp = torch.finfo(torch.float16).eps * Yr.float().abs()
+    assert ((Y.float() - Yr.float()).abs() <= ulp + 1e-5).all()
+    torch.testing.assert_close(sq, (Y.double() ** 2).sum((1, 2)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(tr_y, Y.double().diagonal(dim1=1, dim2=2).sum(-1), rtol=1e-6, atol=1e-6)
+    # the projection removed V: Y V = 0 up to the rounding of Y
+    assert (Y.double() @ V).abs().max() < 1e-2 * Y.double().abs().max()
+
+
+@pytest.mark.parametrize("n,w", [(100, 32), (64, 20)])
+def test_block_product_kernel_equals_a_float64_product(interpreted, n, w):
+    """G @ Q from a float32 G and a float64 block, written in float64: float32 accuracy (the interpreter
+    multiplies in float32; compiled, three TF32 passes get there), masks for n and w off the tile sizes."""
+    g = torch.Generator().manual_seed(n)
+    G = torch.randn(3, n, n, generator=g)
+    Q = torch.randn(3, n, w, generator=g, dtype=torch.float64)
+    Y = cs.times_block(G, Q, fused=True)
+    ref = G.double() @ Q
+    assert Y.dtype == torch.float64 and Y.shape == ref.shape
+    assert (Y - ref).abs().max() < 1e-5 * (G.double().abs() @ Q.abs()).max()
+
+
 def test_the_estimate_through_the_kernel_matches_float64_eigenvalues(interpreted):
     g = torch.Generator().manual_seed(3)
     X = torch.randn(3, 96, 200, generator=g)
@@ -84,7 +155,7 @@ def test_a_kernel_that_fails_to_build_falls_back_to_torch_once(monkeypatch):
         raise RuntimeError("no kernel for this GPU")
 
     monkeypatch.setattr(cs, "triton_usable", lambda t: True)
-    monkeypatch.setattr(cs, "_kernel", broken)
+    monkeypatch.setattr(cs, "_kernels", broken)
     monkeypatch.setattr(cs, "_FAILED", [])
     with pytest.warns(UserWarning, match="no kernel for this GPU"):
         Y, sq, _ = cs.cheb_step(A, X, None, torch.ones(2), 0.0)
