@@ -90,8 +90,8 @@ def usual_approach(loaded, ids, mask):
 
 
 def parse_spec(spec):
-    """'device-fp64' | 'device-fp32' | 'device-threads-fp32' | 'cpu-pool' | 'estimate[-D48][-i12][-c136]' |
-    'attention-only' -> (backend, spectral dtype, estimate options)."""
+    """'device-fp64' | 'device-fp32' | 'device-threads-fp32' | 'cpu-pool' |
+    'estimate[-D48][-i12][-c136][-nographs]' | 'attention-only' -> (backend, spectral dtype, estimate options)."""
     if spec.startswith("estimate"):
         opts = {}
         for part in spec.split("-")[1:]:
@@ -105,6 +105,9 @@ def parse_spec(spec):
                 opts["chunk"] = int(part[1:])
             elif part == "fp32":
                 opts["storage"] = torch.float32
+            elif part == "nographs":
+                opts["graphs"] = False
+
         return "estimate", torch.float64, opts
     backend = "cpu-pool" if spec == "cpu-pool" else "device-threads" if spec.startswith("device-threads") else "device"
     return backend, torch.float32 if spec.endswith("fp32") else torch.float64, {}

@@ -275,7 +275,11 @@ def collect_statistics(
     def read_out(wait: bool) -> None:
         while unfinished:
             rows, buf, ticket = unfinished[0]
-            if not reducer.ready(ticket, wait=wait or len(unfinished) > MAX_UNFINISHED):
+            # wait when more than MAX_UNFINISHED batches are in flight, unless they hold fewer hidden states than
+            # two chunks of the estimate (small batches: waiting would estimate a chunk before it is full)
+            in_flight = (L + 1) * sum(len(r) for r, _, _ in unfinished)
+            too_many = len(unfinished) > MAX_UNFINISHED and in_flight > 2 * reducer.chunk
+            if not reducer.ready(ticket, wait=wait or too_many):
                 return
             buf.flush(rows)
             unfinished.pop(0)

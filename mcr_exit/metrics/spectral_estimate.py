@@ -32,6 +32,7 @@ benchmarks/bench_analysis.py --check measure the total against float64 eigenvalu
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -146,74 +147,22 @@ def _start_block(n: int, w: int, seed: int, device: torch.device, dtype: torch.d
     return torch.linalg.qr(torch.randn(n, w, generator=gen, dtype=torch.float64)).Q.to(device, dtype)
 
 
-def estimate_spectrum(
-    gram: torch.Tensor,
-    *,
-    width: int = 32,
-    iterations: int = 16,
-    degree: int = 32,
-    squarings: int = 5,
-    tol: float = 1e-3,
-    storage: torch.dtype | None = None,
-    seed: int = 0,
-    fused: bool | None = None,
-) -> SpectrumSummary:
-    """Entropy and the three largest eigenvalues of each PSD matrix in ``gram`` (B, n, n).
-
-    Args:
-        width: Ritz pairs computed by subspace iteration (the converged ones are deflated).
-        iterations: subspace iterations, each a product with rho and an orthonormalization.
-        degree: even degree D of the Chebyshev interpolant (D / 2 - 1 products of n x n matrices).
-        squarings: squarings of rho_d for the bound s.
-        tol: a Ritz pair is deflated when its residual is at most tol * theta.
-        storage: dtype of the n x n matrices of steps 2-3: float16 (default on GPUs: tensor cores,
-            float32 accumulation), float32 (TF32 tensor cores) or float64 (default on CPUs).
-    """
-    if gram.dim() == 2:
-        gram = gram.unsqueeze(0)
-    B, n, _ = gram.shape
-    if degree < 2 or degree % 2:
-        raise ValueError(f"degree must be even and >= 2, got {degree}")
-    f64, dev = torch.float64, gram.device
-    sd = _storage(dev, storage)
-    wd = torch.float64 if sd == torch.float64 else torch.float32  # working dtype of the Gram matrix and thin blocks
-    total = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=f64)
-    inv = 1.0 / total.clamp(min=_TINY)
-    G = gram.to(wd)  # rho = sym(G) / tr G; nothing n x n is made from it but the deflated matrix below
-
+def _top_block(G: torch.Tensor, Q: torch.Tensor, *, iterations: int, fused) -> tuple[torch.Tensor]:
+    """Step 1's subspace iteration: ``iterations`` products with G, each orthonormalized (float64)."""
     with tf32(False):
-        # 1. top eigenpairs: subspace iteration (products of G with a float64 block, float32-accurate;
-        #    the scale of G does not matter to it; orthonormalized in float64), then Rayleigh-Ritz in
-        #    float64 from one more product. Float32 products are as accurate as the float32 Gram matrix
-        #    itself; errors in rho V only couple the deflated subspace to the rest, which moves the
-        #    remaining eigenvalues at second order (a float64 product measured no difference). The
-        #    deflated matrix below is made exactly symmetric, tile by tile.
-        w = min(width, n)
-        Q = _start_block(n, w, seed, dev, f64).expand(B, n, w)
         for _ in range(iterations):
             Q = _cholqr(times_block(G, Q, fused=fused))
-        Q = _svqb(Q)
-        RQ = times_block(G, Q, fused=fused) * inv[:, None, None]
-        theta, W = _eigh(_sym(Q.transpose(-1, -2) @ RQ))
-        theta, W = theta.flip(-1), W.flip(-1)
-        V, C = Q @ W, RQ @ W  # Ritz vectors and rho V
-        residual = torch.linalg.vector_norm(C - V * theta[:, None, :], dim=-2)
-        real = torch.linalg.vector_norm(V, dim=-2) > 0.5  # not a zero column of a dependent block
-        keep = real & (theta > 0) & (residual <= tol * theta)
-        top_all = theta.clamp(min=0) * real
-        th = top_all * keep
-        V, C = V * keep[:, None, :], C * keep[:, None, :]
-        # rho_d = (I - VV^T) rho (I - VV^T) = rho + [V, -C] [theta V^T - C^T; V^T]  (V^T rho V = diag(theta)),
-        # made tile by tile from G in one pass for its norm and one that writes it, scaled, in ``sd``
-        left = torch.cat([V, -C], -1)
-        right = torch.cat([th[:, :, None] * V.transpose(-1, -2) - C.transpose(-1, -2), V.transpose(-1, -2)], -2)
-    del RQ, C, V
+    return (Q,)
+
+
+def _remainder(G, inv, left, right, *, degree: int, squarings: int, sd: torch.dtype, fused):
+    """Steps 2-3: the deflated matrix, the bound s and sum f(lambda) over its spectrum; (h_rest, s), (B,)."""
+    n = G.shape[-1]
     _, nrm2, _ = deflated_half(G, inv, left, right, None, sd, fused=fused)
     nrm = nrm2.sqrt().clamp(min=_TINY)
     # S = rho_d / ||rho_d||, as stored: every later quantity is a function of this matrix, so its own
     # norm and trace (not rho_d's) enter the sums
     S, sq, tr_s = deflated_half(G, inv, left, right, 1.0 / nrm, sd, fused=fused)
-    del G, left, right
     tr_d = nrm * tr_s
     log_scale = torch.log(nrm)
     sq = sq.clamp(min=_TINY)
@@ -242,17 +191,145 @@ def estimate_spectrum(
         if m >= 2:  # tr T_2j = 2 ||T_j||^2 - n,  tr T_2j+1 = 2 <T_j+1, T_j> - tr T_1
             T, sq_j, dot_s = cheb_step(S, S, None, 8 * c * c, -8 * c, delta=1.0, symmetric=True, fused=fused)
             mu += [2 * (2 * c * dot_s - mu[2]) - tr1, 2 * sq_j - n]  # <T_2, T_1> = 2c <T_2, S> - tr T_2
-            T_prev, P, gamma, delta = None, S, -2 * c, 1.0  # T_1 = 2c S - I as P
+            P, gamma, delta = S, -2 * c, 1.0  # T_1 = 2c S - I as P
             for _ in range(2, m):
                 T_next, sq_j, dot_j = cheb_step(S, T, P, 4 * c, -2.0, gamma=gamma, delta=delta, symmetric=True,
                                                 fused=fused)
                 mu += [2 * dot_j - tr1, 2 * sq_j - n]
                 P, T, gamma, delta = T, T_next, -1.0, 0.0
-            del T, P, T_prev
+            del T, P
         del S
     mu = torch.stack(mu, -1)
-    c_j = _coefficients_on(degree, dev)
-    h_rest = s * (mu * c_j).sum(-1) - tr_d * torch.log(s)
+    h_rest = s * (mu * _coefficients_on(degree, G.device)).sum(-1) - tr_d * torch.log(s)
+    return h_rest, s
+
+
+# CUDA graphs of the two phases of the estimate that have no host synchronization. The estimate launches
+# ~1,600 small kernels per chunk; launched one by one from Python they cost more host time than the
+# kernels take on the GPU, and they compete for the interpreter with the forward pass's launches. A
+# shape is captured the second time it comes (the first run compiles the kernels); one seen once (the
+# last, smaller chunk of a run) just runs. Inputs are copied into the graph's own tensors; the outputs
+# are cloned out. Any failure to capture turns graphs off for the process, with one warning.
+_GRAPHS: dict = {}
+_SEEN: set = set()
+_STATIC: dict = {}
+_GRAPHS_FAILED: list = []
+
+
+def _use_graphs(G: torch.Tensor, graphs: bool | None) -> bool:
+    if graphs is not None:
+        return graphs and G.is_cuda
+    return G.is_cuda and not _GRAPHS_FAILED and not torch.cuda.is_current_stream_capturing()
+
+
+def _static_input(G: torch.Tensor) -> torch.Tensor:
+    """G copied into a persistent tensor of its shape (so that captured graphs can read it)."""
+    key = (tuple(G.shape), G.dtype, G.device)
+    buf = _STATIC.get(key)
+    if buf is None:
+        buf = _STATIC[key] = torch.empty_like(G)
+    buf.copy_(G)
+    return buf
+
+
+def _graphed(key, fn, inputs: tuple, use: bool, **options) -> tuple:
+    if not use:
+        return fn(*inputs, **options)
+    key = (key, tuple(tuple(x.shape) for x in inputs), inputs[0].device)
+    entry = _GRAPHS.get(key)
+    if entry is None:
+        if key not in _SEEN:
+            _SEEN.add(key)
+            return fn(*inputs, **options)
+        static = tuple(x if x.data_ptr() in {b.data_ptr() for b in _STATIC.values()} else x.clone() for x in inputs)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = fn(*static, **options)
+        except Exception as exc:  # noqa: BLE001 - a library call that cannot be captured here
+            _GRAPHS_FAILED.append(exc)
+            warnings.warn(f"CUDA graphs of the spectral estimate are off ({type(exc).__name__}: {exc})", stacklevel=3)
+            return fn(*inputs, **options)
+        entry = _GRAPHS[key] = (graph, static, out)
+    graph, static, out = entry
+    for dst, src in zip(static, inputs):
+        if dst.data_ptr() != src.data_ptr():
+            dst.copy_(src)
+    graph.replay()
+    return tuple(o.clone() for o in out)
+
+
+def estimate_spectrum(
+    gram: torch.Tensor,
+    *,
+    width: int = 32,
+    iterations: int = 16,
+    degree: int = 32,
+    squarings: int = 5,
+    tol: float = 1e-3,
+    storage: torch.dtype | None = None,
+    seed: int = 0,
+    fused: bool | None = None,
+    graphs: bool | None = None,
+) -> SpectrumSummary:
+    """Entropy and the three largest eigenvalues of each PSD matrix in ``gram`` (B, n, n).
+
+    Args:
+        width: Ritz pairs computed by subspace iteration (the converged ones are deflated).
+        iterations: subspace iterations, each a product with rho and an orthonormalization.
+        degree: even degree D of the Chebyshev interpolant (D / 2 - 1 products of n x n matrices).
+        squarings: squarings of rho_d for the bound s.
+        tol: a Ritz pair is deflated when its residual is at most tol * theta.
+        storage: dtype of the n x n matrices of steps 2-3: float16 (default on GPUs: tensor cores,
+            float32 accumulation), float32 (TF32 tensor cores) or float64 (default on CPUs).
+        fused: the Triton kernels of ``cheb_step`` (None: where they run).
+        graphs: replay the synchronization-free phases as CUDA graphs (None: on GPUs).
+    """
+    if gram.dim() == 2:
+        gram = gram.unsqueeze(0)
+    B, n, _ = gram.shape
+    if degree < 2 or degree % 2:
+        raise ValueError(f"degree must be even and >= 2, got {degree}")
+    f64, dev = torch.float64, gram.device
+    sd = _storage(dev, storage)
+    wd = torch.float64 if sd == torch.float64 else torch.float32  # working dtype of the Gram matrix and thin blocks
+    total = gram.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=f64)
+    inv = 1.0 / total.clamp(min=_TINY)
+    G = gram.to(wd)  # rho = sym(G) / tr G; nothing n x n is made from it but the deflated matrix below
+
+    with tf32(False):
+        # 1. top eigenpairs: subspace iteration (products of G with a float64 block, float32-accurate;
+        #    the scale of G does not matter to it; orthonormalized in float64), then Rayleigh-Ritz in
+        #    float64 from one more product. Float32 products are as accurate as the float32 Gram matrix
+        #    itself; errors in rho V only couple the deflated subspace to the rest, which moves the
+        #    remaining eigenvalues at second order (a float64 product measured no difference). The
+        #    deflated matrix below is made exactly symmetric, tile by tile.
+        w = min(width, n)
+        use_graphs = _use_graphs(G, graphs)
+        if use_graphs:  # one persistent copy of the input that both captured phases read
+            G = _static_input(G)
+        Q0 = _start_block(n, w, seed, dev, f64).expand(B, n, w).contiguous()
+        (Q,) = _graphed(("top", B, n, w, G.dtype, iterations, fused), _top_block, (G, Q0), use_graphs,
+                        iterations=iterations, fused=fused)
+        Q = _svqb(Q)
+        RQ = times_block(G, Q, fused=fused) * inv[:, None, None]
+        theta, W = _eigh(_sym(Q.transpose(-1, -2) @ RQ))
+        theta, W = theta.flip(-1), W.flip(-1)
+        V, C = Q @ W, RQ @ W  # Ritz vectors and rho V
+        residual = torch.linalg.vector_norm(C - V * theta[:, None, :], dim=-2)
+        real = torch.linalg.vector_norm(V, dim=-2) > 0.5  # not a zero column of a dependent block
+        keep = real & (theta > 0) & (residual <= tol * theta)
+        top_all = theta.clamp(min=0) * real
+        th = top_all * keep
+        V, C = V * keep[:, None, :], C * keep[:, None, :]
+        # rho_d = (I - VV^T) rho (I - VV^T) = rho + [V, -C] [theta V^T - C^T; V^T]  (V^T rho V = diag(theta)),
+        # made tile by tile from G in one pass for its norm and one that writes it, scaled, in ``sd``
+        left = torch.cat([V, -C], -1)
+        right = torch.cat([th[:, :, None] * V.transpose(-1, -2) - C.transpose(-1, -2), V.transpose(-1, -2)], -2)
+    del RQ, C, V
+    h_rest, s = _graphed(("rest", B, n, w, G.dtype, sd, degree, squarings, fused), _remainder,
+                         (G, inv, left, right), use_graphs, degree=degree, squarings=squarings, sd=sd, fused=fused)
+    del G, left, right
     # a remainder below 1e-12 (relative to the trace) is rounding: its entropy is under n * 3e-11; with
     # all n pairs deflated there is no remainder
     h_rest = torch.where((s > 1e-12) & (keep.sum(-1) < n), h_rest, torch.zeros_like(h_rest))
