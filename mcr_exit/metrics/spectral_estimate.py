@@ -225,10 +225,11 @@ def _use_graphs(G: torch.Tensor, graphs: bool | None) -> bool:
 def _static_input(G: torch.Tensor) -> torch.Tensor:
     """G copied into a persistent tensor of its shape (so that captured graphs can read it)."""
     key = (tuple(G.shape), G.dtype, G.device)
-    buf = _STATIC.get(key)
-    if buf is None:
-        buf = _STATIC[key] = torch.empty_like(G)
-    buf.copy_(G)
+    with torch.inference_mode():  # the graphs' tensors are inference tensors, whatever mode the caller is in
+        buf = _STATIC.get(key)
+        if buf is None:
+            buf = _STATIC[key] = torch.empty_like(G)
+        buf.copy_(G)
     return buf
 
 
@@ -241,22 +242,25 @@ def _graphed(key, fn, inputs: tuple, use: bool, **options) -> tuple:
         if key not in _SEEN:
             _SEEN.add(key)
             return fn(*inputs, **options)
-        static = tuple(x if x.data_ptr() in {b.data_ptr() for b in _STATIC.values()} else x.clone() for x in inputs)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                out = fn(*static, **options)
+            with torch.inference_mode():
+                shared = {b.data_ptr() for b in _STATIC.values()}
+                static = tuple(x if x.data_ptr() in shared else x.clone() for x in inputs)
+                with torch.cuda.graph(graph):
+                    out = fn(*static, **options)
         except Exception as exc:  # noqa: BLE001 - a library call that cannot be captured here
             _GRAPHS_FAILED.append(exc)
             warnings.warn(f"CUDA graphs of the spectral estimate are off ({type(exc).__name__}: {exc})", stacklevel=3)
             return fn(*inputs, **options)
         entry = _GRAPHS[key] = (graph, static, out)
     graph, static, out = entry
-    for dst, src in zip(static, inputs):
-        if dst.data_ptr() != src.data_ptr():
-            dst.copy_(src)
-    graph.replay()
-    return tuple(o.clone() for o in out)
+    with torch.inference_mode():
+        for dst, src in zip(static, inputs):
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        graph.replay()
+    return tuple(o.clone() for o in out)  # clones made outside inference mode are ordinary tensors there
 
 
 def estimate_spectrum(
