@@ -207,11 +207,13 @@ def _remainder(G, inv, left, right, *, degree: int, squarings: int, sd: torch.dt
 # CUDA graphs of the two phases of the estimate that have no host synchronization. The estimate launches
 # ~1,600 small kernels per chunk; launched one by one from Python they cost more host time than the
 # kernels take on the GPU, and they compete for the interpreter with the forward pass's launches. A
-# shape is captured the second time it comes (the first run compiles the kernels); one seen once (the
-# last, smaller chunk of a run) just runs. Inputs are copied into the graph's own tensors; the outputs
-# are cloned out. Any failure to capture turns graphs off for the process, with one warning.
-_GRAPHS: dict = {}
-_SEEN: set = set()
+# phase is captured when two calls in a row have the same shapes (the first compiles the kernels), and
+# replayed while they stay the same; a new shape runs eagerly, and its capture replaces the old graph
+# (each graph holds its working memory, so at most one per phase is kept; prompts of many lengths simply
+# run eagerly). Inputs are copied into the graph's own tensors; the outputs are cloned out. Any failure
+# to capture turns graphs off for the process, with one warning.
+_GRAPHS: dict = {}  # phase -> (key, graph, static inputs, outputs)
+_LAST: dict = {}  # phase -> key of its last call
 _STATIC: dict = {}
 _GRAPHS_FAILED: list = []
 
@@ -228,6 +230,7 @@ def _static_input(G: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():  # the graphs' tensors are inference tensors, whatever mode the caller is in
         buf = _STATIC.get(key)
         if buf is None:
+            _STATIC.clear()  # one shape at a time (a graph still holding an older buffer gets a copy)
             buf = _STATIC[key] = torch.empty_like(G)
         buf.copy_(G)
     return buf
@@ -236,12 +239,14 @@ def _static_input(G: torch.Tensor) -> torch.Tensor:
 def _graphed(key, fn, inputs: tuple, use: bool, **options) -> tuple:
     if not use:
         return fn(*inputs, **options)
+    phase = key[0]
     key = (key, tuple(tuple(x.shape) for x in inputs), inputs[0].device)
-    entry = _GRAPHS.get(key)
-    if entry is None:
-        if key not in _SEEN:
-            _SEEN.add(key)
+    entry = _GRAPHS.get(phase)
+    if entry is None or entry[0] != key:
+        if _LAST.get(phase) != key:
+            _LAST[phase] = key
             return fn(*inputs, **options)
+        _GRAPHS.pop(phase, None)  # the old shape's graph and its memory
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.inference_mode():
@@ -253,8 +258,8 @@ def _graphed(key, fn, inputs: tuple, use: bool, **options) -> tuple:
             _GRAPHS_FAILED.append(exc)
             warnings.warn(f"CUDA graphs of the spectral estimate are off ({type(exc).__name__}: {exc})", stacklevel=3)
             return fn(*inputs, **options)
-        entry = _GRAPHS[key] = (graph, static, out)
-    graph, static, out = entry
+        entry = _GRAPHS[phase] = (key, graph, static, out)
+    _, graph, static, out = entry
     with torch.inference_mode():
         for dst, src in zip(static, inputs):
             if dst.data_ptr() != src.data_ptr():
