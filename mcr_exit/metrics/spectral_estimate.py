@@ -207,14 +207,15 @@ def _remainder(G, inv, left, right, *, degree: int, squarings: int, sd: torch.dt
 # CUDA graphs of the two phases of the estimate that have no host synchronization. The estimate launches
 # ~1,600 small kernels per chunk; launched one by one from Python they cost more host time than the
 # kernels take on the GPU, and they compete for the interpreter with the forward pass's launches. A
-# phase is captured when two calls in a row have the same shapes (the first compiles the kernels), and
-# replayed while they stay the same; a new shape runs eagerly, and its capture replaces the old graph
-# (each graph holds its working memory, so at most one per phase is kept; prompts of many lengths simply
-# run eagerly). Inputs are copied into the graph's own tensors; the outputs are cloned out. Any failure
-# to capture turns graphs off for the process, with one warning.
-_GRAPHS: dict = {}  # phase -> (key, graph, static inputs, outputs)
-_LAST: dict = {}  # phase -> key of its last call
-_STATIC: dict = {}
+# phase is captured when the same shapes come in two eager calls in a row (the first compiles the
+# kernels) and replayed whenever they come again. Each graph holds its working memory, so only the
+# GRAPH_SHAPES most recently used shapes keep one (the full chunk and the last, smaller one of a run);
+# prompts of many lengths simply run eagerly. Inputs are copied into the graph's own tensors; the outputs
+# are cloned out. Any failure to capture turns graphs off for the process, with one warning.
+GRAPH_SHAPES = 2
+_GRAPHS: dict = {}  # (phase, shapes) key -> (graph, static inputs, outputs), least recently used first
+_LAST: dict = {}  # phase -> key of its last eager call
+_STATIC: dict = {}  # shape -> the persistent input tensor, as many as graphs
 _GRAPHS_FAILED: list = []
 
 
@@ -228,12 +229,22 @@ def _static_input(G: torch.Tensor) -> torch.Tensor:
     """G copied into a persistent tensor of its shape (so that captured graphs can read it)."""
     key = (tuple(G.shape), G.dtype, G.device)
     with torch.inference_mode():  # the graphs' tensors are inference tensors, whatever mode the caller is in
-        buf = _STATIC.get(key)
+        buf = _STATIC.pop(key, None)
         if buf is None:
-            _STATIC.clear()  # one shape at a time (a graph still holding an older buffer gets a copy)
-            buf = _STATIC[key] = torch.empty_like(G)
+            while len(_STATIC) >= GRAPH_SHAPES:  # (a graph still holding an evicted buffer gets a copy)
+                _STATIC.pop(next(iter(_STATIC)))
+            buf = torch.empty_like(G)
+        _STATIC[key] = buf  # most recently used last
         buf.copy_(G)
     return buf
+
+
+def _capture(fn, static: tuple, options: dict):
+    """(graph, outputs): ``fn`` on the static inputs, captured; ``graph.replay()`` reruns it in place."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static, **options)
+    return graph, out
 
 
 def _graphed(key, fn, inputs: tuple, use: bool, **options) -> tuple:
@@ -241,25 +252,26 @@ def _graphed(key, fn, inputs: tuple, use: bool, **options) -> tuple:
         return fn(*inputs, **options)
     phase = key[0]
     key = (key, tuple(tuple(x.shape) for x in inputs), inputs[0].device)
-    entry = _GRAPHS.get(phase)
-    if entry is None or entry[0] != key:
+    entry = _GRAPHS.pop(key, None)
+    if entry is None:
         if _LAST.get(phase) != key:
             _LAST[phase] = key
             return fn(*inputs, **options)
-        _GRAPHS.pop(phase, None)  # the old shape's graph and its memory
-        graph = torch.cuda.CUDAGraph()
         try:
             with torch.inference_mode():
                 shared = {b.data_ptr() for b in _STATIC.values()}
                 static = tuple(x if x.data_ptr() in shared else x.clone() for x in inputs)
-                with torch.cuda.graph(graph):
-                    out = fn(*static, **options)
+                graph, out = _capture(fn, static, options)
         except Exception as exc:  # noqa: BLE001 - a library call that cannot be captured here
             _GRAPHS_FAILED.append(exc)
             warnings.warn(f"CUDA graphs of the spectral estimate are off ({type(exc).__name__}: {exc})", stacklevel=3)
             return fn(*inputs, **options)
-        entry = _GRAPHS[phase] = (key, graph, static, out)
-    _, graph, static, out = entry
+        entry = (graph, static, out)
+        same_phase = [k for k in _GRAPHS if k[0][0] == phase]
+        for k in same_phase[: max(0, len(same_phase) - GRAPH_SHAPES + 1)]:  # least recently used out
+            del _GRAPHS[k]
+    _GRAPHS[key] = entry  # most recently used last
+    graph, static, out = entry
     with torch.inference_mode():
         for dst, src in zip(static, inputs):
             if dst.data_ptr() != src.data_ptr():

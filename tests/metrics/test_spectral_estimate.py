@@ -95,3 +95,45 @@ def test_terms_read_off_a_float32_gram_equal_the_float64_terms():
     for key in ref:
         assert torch.allclose(got[key], ref[key], rtol=1e-5, equal_nan=True), key
     assert torch.allclose(gram.double(), gram_ref, rtol=1e-5, atol=1e-3)
+
+
+def test_graph_cache_captures_repeated_shapes_keeps_two_per_phase_and_replays_on_new_inputs(monkeypatch):
+    """The CUDA-graph bookkeeping of the estimate, on the CPU with a stand-in for the graph (replay reruns
+    the captured function on its static inputs, into its static outputs, as a CUDA graph does): a shape
+    is captured on its second call in a row, replayed on new inputs after that, two shapes per phase
+    are kept, and every result equals the eager estimate."""
+    from mcr_exit.metrics import spectral_estimate as se
+
+    class Replayable:
+        def __init__(self, fn, static, options):
+            self.fn, self.static, self.options = fn, static, options
+            self.out = fn(*static, **options)
+            self.replays = 0
+
+        def replay(self):
+            for o, new in zip(self.out, self.fn(*self.static, **self.options)):
+                o.copy_(new)
+            self.replays += 1
+
+    def capture(fn, static, options):
+        g = Replayable(fn, static, options)
+        return g, g.out
+
+    for name, value in (("_GRAPHS", {}), ("_LAST", {}), ("_STATIC", {}), ("_GRAPHS_FAILED", [])):
+        monkeypatch.setattr(se, name, value)
+    monkeypatch.setattr(se, "_capture", capture)
+    monkeypatch.setattr(se, "_use_graphs", lambda G, graphs: graphs is not False)  # on CPU tensors too
+    X = _hidden_like(300, 400).float()
+    G = X @ X.transpose(1, 2)
+    calls = [G[:4], 2 * G[:4], 3 * G[:4], G[:2], G[:2], 5 * G[:4], G[:3], G[:3], G[:3]]
+    for i, g in enumerate(calls):
+        got = estimate_spectrum(g, storage=torch.float16)
+        ref = estimate_spectrum(g, storage=torch.float16, graphs=False)
+        torch.testing.assert_close(got.entropy, ref.entropy, rtol=0, atol=1e-12, msg=f"call {i}")
+        torch.testing.assert_close(got.top, ref.top, rtol=0, atol=0, msg=f"call {i}")
+        if i == 1:  # the second call of a shape is captured
+            assert len(se._GRAPHS) == 2
+    kept = sorted((key[0][0], key[1][0][0]) for key in se._GRAPHS)
+    # shape 2 is out: the least recently used when 3 was captured (4 was replayed after 2's capture)
+    assert kept == [("rest", 3), ("rest", 4), ("top", 3), ("top", 4)]
+    assert all(entry[0].replays >= 1 for entry in se._GRAPHS.values())  # the third call of 3 replayed
