@@ -59,7 +59,7 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _torch_step(A, X, P, alpha, beta, gamma, delta):
+def _torch_step(A, X, P, alpha, beta, gamma, delta, dots=None, out=None):
     """The step with torch operations; alpha, beta, gamma (B,) tensors."""
     wide = _wide(A.dtype)
     if A.is_cuda and A.dtype in (torch.float16, torch.bfloat16):
@@ -76,11 +76,13 @@ def _torch_step(A, X, P, alpha, beta, gamma, delta):
         y = y + gamma.to(wide)[:, None, None] * P.to(wide)
     if delta:
         y = y + delta * torch.eye(y.shape[-1], dtype=wide, device=y.device)
-    Y = y.to(A.dtype)
+    Y = y.to(A.dtype) if out is None else out.copy_(y)
     yw = Y.to(wide)
     sq = (yw * yw).sum((-2, -1), dtype=torch.float64)
     dot = (yw * X.to(wide)).sum((-2, -1), dtype=torch.float64)
-    return Y, sq, dot
+    if dots is None:
+        return Y, sq, dot
+    return Y, sq, dot, torch.stack([(yw * d.to(wide)).sum((-2, -1), dtype=torch.float64) for d in dots], -1)
 
 
 @lru_cache(maxsize=1)
@@ -89,8 +91,8 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def step(A, X, P, Y, ALPHA, BETA, GAMMA, PART, PAIRS, n, sa, sx, sp, delta, per_matrix,
-             HAS_P: tl.constexpr, SYM: tl.constexpr, EVEN: tl.constexpr,
+    def step(A, X, P, Y, ALPHA, BETA, GAMMA, PART, PAIRS, DOTS, n, sa, sx, sp, sd, delta, per_matrix,
+             HAS_P: tl.constexpr, SYM: tl.constexpr, EVEN: tl.constexpr, K: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         t = tl.program_id(0)  # tile t = b * per_matrix + pid
         b = t // per_matrix
@@ -138,8 +140,11 @@ def _kernels():
         w = 1.0
         if SYM:
             w = tl.where(ti == tj, 1.0, 2.0)  # an off-diagonal tile stands for itself and its mirror image
-        tl.store(PART + 2 * t, w * tl.sum(tl.sum(yr * yr, 1), 0))
-        tl.store(PART + 2 * t + 1, w * tl.sum(tl.sum(yr * xt, 1), 0))
+        tl.store(PART + (2 + K) * t, w * tl.sum(tl.sum(yr * yr, 1), 0))
+        tl.store(PART + (2 + K) * t + 1, w * tl.sum(tl.sum(yr * xt, 1), 0))
+        for kk in tl.static_range(K):  # <Y, D_k> for the stacked matrices D (K, B, n, n)
+            dk = tl.load(DOTS + kk * sd + b * n * n + off, mask=inside, other=0.0).to(tl.float32)
+            tl.store(PART + (2 + K) * t + 2 + kk, w * tl.sum(tl.sum(yr * dk, 1), 0))
 
     @triton.jit
     def deflate(G, L, R, INV, SCALE, Y, PART, PAIRS, n, r,
@@ -196,7 +201,34 @@ def _kernels():
         tl.store(Y + b * n * w + rm[:, None] * w + rw[None, :], acc.to(tl.float64),
                  mask=(rm[:, None] < n) & (rw[None, :] < w))
 
-    return step, deflate, thin
+    @triton.jit
+    def cholinv(C, X, w, BW: tl.constexpr):
+        b = tl.program_id(0)
+        rw = tl.arange(0, BW)
+        eye = rw[:, None] == rw[None, :]
+        inside = (rw[:, None] < w) & (rw[None, :] < w)
+        c = tl.load(C + b * w * w + rw[:, None] * w + rw[None, :], mask=inside, other=0.0)
+        c = 0.5 * (c + tl.trans(c))
+        shift = tl.maximum(1e-14 * tl.sum(tl.sum(tl.where(eye, c, 0.0), 1), 0), 1e-300)
+        c = c + tl.where(eye, shift, 0.0)
+        L = tl.zeros((BW, BW), dtype=tl.float64)
+        for k in range(BW):  # Cholesky, column by column; a pivot below the shift (rounding) is the shift
+            ck = tl.sum(tl.where(rw[None, :] == k, c, 0.0), 1)
+            d = tl.sqrt(tl.maximum(tl.sum(tl.where(rw == k, ck, 0.0), 0), shift))
+            low = tl.where(rw > k, ck / d, 0.0)
+            L = tl.where(rw[None, :] == k, (low + tl.where(rw == k, d, 0.0))[:, None], L)
+            c = c - low[:, None] * low[None, :]
+        x = tl.zeros((BW, BW), dtype=tl.float64)
+        for k in range(BW):  # L^-1, row by row (forward substitution)
+            lk = tl.sum(tl.where(rw[:, None] == k, L, 0.0), 0)
+            lkk = tl.sum(tl.where(rw == k, lk, 0.0), 0)
+            acc = tl.sum(tl.where(rw[:, None] < k, lk[:, None] * x, 0.0), 0)
+            x = tl.where(rw[:, None] == k, ((tl.where(rw == k, 1.0, 0.0) - acc) / lkk)[None, :], x)
+        bad = tl.sum(tl.sum(tl.where((x == x) & (tl.abs(x) < 1e300), 0.0, 1.0), 1), 0)
+        x = tl.where(bad > 0, 0.0, x)  # a failed factorization (non-finite input) loses its block
+        tl.store(X + b * w * w + rw[:, None] * w + rw[None, :], x, mask=inside)
+
+    return step, deflate, thin, cholinv
 
 
 def _has_triton() -> bool:
@@ -249,10 +281,15 @@ def _as_batch(v, B: int, device) -> torch.Tensor:
 def cheb_step(A: torch.Tensor, X: torch.Tensor, P: torch.Tensor | None, alpha: torch.Tensor | float,
               beta: torch.Tensor | float,
               *, gamma: torch.Tensor | float = -1.0, delta: float = 0.0, symmetric: bool = False,
+              dots: torch.Tensor | None = None, out: torch.Tensor | None = None,
               fused: bool | None = None, blocks: tuple[int, int, int] = (128, 128, 64), warps: int = 8,
               stages: int = 4):
     """(Y, ||Y||^2, <Y, X>) per matrix; A, X, P (B or 1, n, n) in one dtype, alpha, beta and gamma (B,)
     tensors or scalars, delta a scalar; sums in float64.
+
+    ``dots`` (K, B, n, n), K matrices per batch row stacked in one tensor: also <Y, dots[k]> for each k,
+    a fourth output (B, K), computed in the kernel's epilogue from the tile it holds. ``out`` (B, n, n):
+    write Y there (a slice of a stacked buffer, so that Y can be a later step's ``dots``).
 
     A batch dimension of size 1 is broadcast (the identity as P). ``symmetric`` promises that A X is
     symmetric (A and X commuting symmetric matrices): the kernel then computes the upper tiles only and
@@ -272,37 +309,44 @@ def cheb_step(A: torch.Tensor, X: torch.Tensor, P: torch.Tensor | None, alpha: t
 
     def torch_call():
         return _torch_step(A.expand(B, n, n), X.expand(B, n, n), None if P is None else P.expand(B, n, n),
-                           alpha, beta, gamma, delta)
+                           alpha, beta, gamma, delta, dots, out)
 
     if not fused:
         return torch_call()
     return _run_fused(auto, lambda: _fused_step(A, X, P, alpha, beta, gamma, delta, symmetric, B, n, blocks,
-                                                warps, stages), torch_call)
+                                                warps, stages, dots, out), torch_call)
 
 
 def _launch(X: torch.Tensor, warps: int, stages: int) -> dict:
     return {} if not X.is_cuda else dict(num_warps=warps, num_stages=stages)
 
 
-def _fused_step(A, X, P, alpha, beta, gamma, delta, symmetric, B, n, blocks, warps, stages):
+def _fused_step(A, X, P, alpha, beta, gamma, delta, symmetric, B, n, blocks, warps, stages, dots=None, out=None):
     BM, BN, BK = blocks
     if symmetric and BM != BN:
         raise ValueError(f"a symmetric step needs square tiles, got {blocks}")
     A, X = A.contiguous(), X.contiguous()
     has_p = P is not None
     P = P.contiguous() if has_p else X
-    Y = torch.empty(B, n, n, dtype=X.dtype, device=X.device)
+    Y = torch.empty(B, n, n, dtype=X.dtype, device=X.device) if out is None else out
+    if not Y.is_contiguous() or Y.shape != (B, n, n) or Y.dtype != X.dtype:
+        raise ValueError("out must be a contiguous (B, n, n) tensor in the operands' dtype")
+    K = 0 if dots is None else dots.shape[0]
+    if K and (not dots.is_contiguous() or dots.shape[1:] != (B, n, n)):
+        raise ValueError(f"dots must be a contiguous (K, {B}, {n}, {n}) tensor, got {tuple(dots.shape)}")
     tm, tn = (n + BM - 1) // BM, (n + BN - 1) // BN
     pairs = _pairs(tm, X.device) if symmetric else alpha  # (an unused pointer when not symmetric)
     per_matrix = tm * (tm + 1) // 2 if symmetric else tm * tn
     even = n % BM == 0 and n % BN == 0 and n % BK == 0
-    part = torch.empty(B, per_matrix, 2, dtype=torch.float32, device=X.device)
+    part = torch.empty(B, per_matrix, 2 + K, dtype=torch.float32, device=X.device)
     stride = [0 if t.shape[0] == 1 else n * n for t in (A, X, P)]
-    _kernels()[0][(B * per_matrix,)](A, X, P, Y, alpha, beta, gamma, part, pairs, n, *stride, float(delta),
-                                     per_matrix, HAS_P=has_p, SYM=symmetric, EVEN=even, BM=BM, BN=BN, BK=BK,
-                                     **_launch(X, warps, stages))
+    _kernels()[0][(B * per_matrix,)](A, X, P, Y, alpha, beta, gamma, part, pairs, X if dots is None else dots, n,
+                                     *stride, B * n * n, float(delta), per_matrix, HAS_P=has_p, SYM=symmetric,
+                                     EVEN=even, K=K, BM=BM, BN=BN, BK=BK, **_launch(X, warps, stages))
     sums = part.sum(1, dtype=torch.float64)
-    return Y, sums[:, 0], sums[:, 1]
+    if dots is None:
+        return Y, sums[:, 0], sums[:, 1]
+    return Y, sums[:, 0], sums[:, 1], sums[:, 2:]
 
 
 def times_block(G: torch.Tensor, Q: torch.Tensor, *, fused: bool | None = None, block: int = 64,
@@ -338,13 +382,55 @@ def times_block(G: torch.Tensor, Q: torch.Tensor, *, fused: bool | None = None, 
     return _run_fused(auto, fused_call, torch_call)
 
 
-def _torch_deflate(G, inv, L, R, scale, dtype):
+def _torch_cholqr(Y: torch.Tensor) -> torch.Tensor:
+    C = Y.transpose(-1, -2) @ Y
+    w = C.shape[-1]
+    eye = torch.eye(w, dtype=C.dtype, device=C.device)
+    shift = 1e-14 * C.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-300)
+    L = torch.linalg.cholesky_ex(C + shift[:, None, None] * eye).L
+    L_inv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    return torch.nan_to_num(Y @ L_inv.transpose(-1, -2), nan=0.0, posinf=0.0, neginf=0.0)  # a failed factorization loses its block
+
+
+def cholqr(Y: torch.Tensor, *, fused: bool | None = None, warps: int = 4) -> torch.Tensor:
+    """Orthonormal columns spanning each Y (B, n, w), float64, by shifted Cholesky QR: C = Y^T Y + shift I
+    = L L^T, Q = Y L^-T, with shift = 1e-14 tr C so that dependent columns keep it defined.
+
+    On GPUs the w x w part (shift, Cholesky factor, its inverse) is one kernel with a program per matrix,
+    in registers, where torch takes ~8 small launches (the batched factorization, a triangular solve that
+    alone is slower than the whole kernel, clean-ups); the two products stay cuBLAS float64 products.
+    Where rounding makes a pivot fall below the shift the kernel takes the shift (torch's factorization
+    fails there and the block becomes zeros); either way the estimate's final basis comes from an exact
+    SVQB. w <= 64. ``fused`` as in ``cheb_step`` (auto: CUDA with Triton).
+    """
+    B, n, w = Y.shape
+    auto = fused is None
+    if auto:
+        fused = Y.is_cuda and _has_triton() and w <= 64
+
+    def torch_call():
+        return _torch_cholqr(Y)
+
+    if not fused:
+        return torch_call()
+
+    def fused_call():
+        C = (Y.transpose(-1, -2) @ Y).contiguous()
+        X = torch.empty_like(C)
+        _kernels()[3][(B,)](C, X, w, BW=max(16, 1 << (w - 1).bit_length()), **_launch(Y, warps, 1))
+        return Y @ X.transpose(-1, -2)
+
+    return _run_fused(auto, fused_call, torch_call)
+
+
+def _torch_deflate(G, inv, L, R, scale, dtype, out=None):
     wide = _wide(dtype)
     Gw = G.to(wide)
     y = 0.5 * (Gw + Gw.transpose(-1, -2)) * inv.to(wide)[:, None, None] + L.to(wide) @ R.to(wide)
     y = 0.5 * (y + y.transpose(-1, -2))
     if scale is not None:
         Y = (y * scale.to(wide)[:, None, None]).to(dtype)
+        Y = Y if out is None else out.copy_(Y)
         y = Y.to(wide)
     else:
         Y = None
@@ -354,11 +440,12 @@ def _torch_deflate(G, inv, L, R, scale, dtype):
 
 
 def deflated_half(G: torch.Tensor, inv: torch.Tensor, L: torch.Tensor, R: torch.Tensor,
-                  scale: torch.Tensor | None, dtype: torch.dtype, *, fused: bool | None = None,
-                  block: int = 64, warps: int = 4):
+                  scale: torch.Tensor | None, dtype: torch.dtype, *, out: torch.Tensor | None = None,
+                  fused: bool | None = None, block: int = 64, warps: int = 4):
     """(Y, ||Y||^2, tr Y): Y = scale * (sym(G) * inv + L @ R) stored in ``dtype`` and exactly symmetric;
     G (B, n, n), inv and scale (B,), L (B, n, r), R (B, r, n). ``scale`` None: no Y, the sums of the
-    unrounded matrix (float32 on the kernel's path). ``fused`` as in ``cheb_step``.
+    unrounded matrix (float32 on the kernel's path). ``out``: write Y there (contiguous, (B, n, n),
+    ``dtype``). ``fused`` as in ``cheb_step``.
     """
     B, n, _ = G.shape
     auto = fused is None
@@ -366,7 +453,7 @@ def deflated_half(G: torch.Tensor, inv: torch.Tensor, L: torch.Tensor, R: torch.
         fused = G.is_cuda and dtype in (torch.float16, torch.bfloat16) and _has_triton()
 
     def torch_call():
-        return _torch_deflate(G, inv, L, R, scale, dtype)
+        return _torch_deflate(G, inv, L, R, scale, dtype, out)
 
     if not fused:
         return torch_call()
@@ -380,7 +467,14 @@ def deflated_half(G: torch.Tensor, inv: torch.Tensor, L: torch.Tensor, R: torch.
         pairs = _pairs(tiles, G.device)
         count = tiles * (tiles + 1) // 2
         write = scale is not None
-        Y = torch.empty(B, n, n, dtype=dtype, device=G.device) if write else Gc
+        if not write:
+            Y = Gc
+        elif out is None:
+            Y = torch.empty(B, n, n, dtype=dtype, device=G.device)
+        elif out.is_contiguous() and out.shape == (B, n, n) and out.dtype == dtype:
+            Y = out
+        else:
+            raise ValueError("out must be a contiguous (B, n, n) tensor in the given dtype")
         sc = _as_batch(scale if write else 1.0, B, G.device)
         part = torch.empty(B, count, 2, dtype=torch.float32, device=G.device)
         _kernels()[1][(count, B)](Gc, Lc, Rc, _as_batch(inv, B, G.device), sc, Y, part, pairs, n, r,

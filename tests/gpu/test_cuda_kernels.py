@@ -76,6 +76,12 @@ def test_compiled_symmetric_step_and_deflation_kernels_equal_their_interpreted_c
     assert ((Y.float() - Yr.float()).abs() <= 2e-3 * Yr.float().abs() + 1e-4).all()
     torch.testing.assert_close(sq, (Y.double() ** 2).sum((1, 2)), rtol=1e-6, atol=0)
     torch.testing.assert_close(dot, (Y.double() * T.double()).sum((1, 2)), rtol=1e-5, atol=1e-2)
+    stack = torch.stack([S, T, Y])  # the giant steps' epilogue inner products, Y written into a slice
+    out = torch.empty(2, 3, n, n, dtype=S.dtype, device="cuda")
+    Z, _, _, dots = cheb_step(T, S, None, 2.0, 0.0, delta=-1.0, symmetric=True, fused=True, dots=stack, out=out[1])
+    assert Z.data_ptr() == out[1].data_ptr() and torch.equal(Z, Z.transpose(1, 2))
+    ref = torch.stack([(Z.double() * D.double()).sum((1, 2)) for D in stack], -1)
+    torch.testing.assert_close(dots, ref, rtol=1e-5, atol=1e-2)
     g = torch.Generator(device="cuda").manual_seed(n)
     X = torch.randn(2, n, 2 * n, generator=g, device="cuda")
     G = X @ X.transpose(1, 2)
@@ -102,6 +108,18 @@ def test_compiled_block_product_has_float32_accuracy():
     assert err < 1e-6
 
 
+def test_compiled_cholesky_qr_equals_torch():
+    from mcr_exit.metrics.cheb_step import cholqr
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    Y = torch.randn(64, 1024, 32, generator=g, device="cuda", dtype=torch.float64)
+    Y = Y * torch.logspace(0, -3, 32, device="cuda", dtype=torch.float64)
+    Q = cholqr(Y, fused=True)
+    torch.testing.assert_close(Q, cholqr(Y, fused=False), rtol=1e-8, atol=1e-10)
+    eye = torch.eye(32, device="cuda", dtype=torch.float64)
+    assert (Q.transpose(1, 2) @ Q - eye).abs().max() < 1e-6
+
+
 def test_the_estimate_replayed_as_cuda_graphs_equals_the_eager_estimate():
     """The second call of a shape captures the two synchronization-free phases; later calls replay them on
     new inputs: the same results as eager calls, to the last bit where the kernels are the same."""
@@ -122,6 +140,53 @@ def test_the_estimate_replayed_as_cuda_graphs_equals_the_eager_estimate():
         ref = se.estimate_spectrum(G * k, graphs=False)
         torch.testing.assert_close(got.entropy, ref.entropy, rtol=0, atol=1e-9)
         torch.testing.assert_close(got.top, ref.top, rtol=1e-12, atol=0)
+
+
+def test_graphs_captured_in_a_worker_thread_while_the_main_thread_allocates_and_synchronizes():
+    """The analysis captures on its side stream while the main thread runs the forward pass (new
+    allocations, synchronizations): the capture must neither fail nor break the main thread's calls
+    (it did, in the global capture mode, on runs of more than one batch)."""
+    import threading
+
+    from mcr_exit.metrics import spectral_estimate as se
+    from tests.metrics.test_spectral_estimate import _hidden_like
+
+    for name in ("_GRAPHS", "_LAST", "_STATIC"):
+        getattr(se, name).clear()
+    se._GRAPHS_FAILED.clear()
+    X = _hidden_like(512, 1024).cuda().float()
+    G = X @ X.transpose(1, 2)
+    got, errors, done = [], [], threading.Event()
+
+    def worker():
+        try:
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for k in (1.0, 2.0, 3.0, 4.0):  # eager, capture, replay, replay
+                    got.append(se.estimate_spectrum(G * k, graphs=True).entropy)
+            stream.synchronize()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    n = 0
+    try:
+        while not done.is_set():  # what a forward pass does meanwhile: fresh allocations and host reads
+            n += 1
+            # (no random numbers: torch's CUDA generator refuses to advance while another thread captures)
+            y = torch.full((1000 + n, 333), 0.5, device="cuda") @ torch.ones(333, 77, device="cuda")
+            float(y.sum())  # a copy to the host: synchronizes the main thread's stream
+    except Exception as exc:  # noqa: BLE001 - reported below
+        errors.append(("main thread", exc))
+    thread.join()
+    assert not errors and not se._GRAPHS_FAILED, (n, errors, se._GRAPHS_FAILED)
+    assert all(entry[0] is not None for entry in se._GRAPHS.values()) and len(se._GRAPHS) == 2
+    for k, entropy in zip((1.0, 2.0, 3.0, 4.0), got):
+        ref = se.estimate_spectrum(G * k, graphs=False).entropy
+        torch.testing.assert_close(entropy, ref, rtol=0, atol=1e-9)
 
 
 def test_the_gpu_estimate_matches_float64_eigenvalues():

@@ -87,6 +87,27 @@ def test_symmetric_step_with_gamma_and_delta_equals_the_torch_step(interpreted, 
     torch.testing.assert_close(sq, sqr, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("n,blocks", [(96, (64, 64, 32)), (100, (32, 32, 32))])
+def test_step_epilogue_dots_with_stacked_matrices_and_out(interpreted, n, blocks):
+    """The giant steps' epilogue: <Y, D_k> for K stacked matrices (mirror tiles counted twice), Y written
+    into a slice of a stacked buffer, the same numbers from the torch version."""
+    S, T = _commuting(2, n, seed=n + 1)
+    stack = torch.stack([S, T, (S.float() @ T.float()).half()])  # (K, B, n, n), symmetric, commuting
+    out = torch.zeros(2, 2, n, n, dtype=torch.float16)
+    Y, sq, dot, dots = cs.cheb_step(T, S, None, 2.0, 0.0, delta=-1.0, symmetric=True, fused=True, blocks=blocks,
+                                    dots=stack, out=out[1])
+    assert Y.data_ptr() == out[1].data_ptr() and torch.equal(out[0], torch.zeros_like(out[0]))
+    ref = torch.stack([(Y.double() * D.double()).sum((1, 2)) for D in stack], -1)
+    assert dots.shape == (2, 3)
+    torch.testing.assert_close(dots, ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(dot, ref[:, 0], rtol=1e-5, atol=1e-3)  # X = S is stack[0]
+    Yr, sqr, _, dotsr = cs.cheb_step(T, S, None, 2.0, 0.0, delta=-1.0, fused=False, dots=stack)
+    torch.testing.assert_close(dotsr, ref, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(sq, sqr, rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="dots must be"):
+        cs.cheb_step(T, S, None, 2.0, 0.0, symmetric=True, fused=True, blocks=blocks, dots=stack[:, :1])
+
+
 @pytest.mark.parametrize("n", [96, 128])
 def test_deflated_matrix_kernel_equals_the_torch_version(interpreted, n):
     """Y = scale (sym(G) / tr G + [V, -C] [theta V^T - C^T; V^T]) from a float32 Gram matrix whose last bits
@@ -166,3 +187,24 @@ def test_a_kernel_that_fails_to_build_falls_back_to_torch_once(monkeypatch):
     assert len(cs._FAILED) == 1
     with pytest.raises(RuntimeError, match="no kernel"):
         cs.cheb_step(A, X, None, torch.ones(2), 0.0, fused=True)
+
+
+@pytest.mark.parametrize("n,w", [(100, 32), (64, 20)])
+def test_cholesky_qr_kernel_equals_the_torch_version(interpreted, n, w):
+    """One kernel per batch: Y^T Y, its shifted Cholesky factor and inverse in registers, Q = Y L^-T. The
+    same Q as torch's factorization and triangular solve on well-conditioned blocks (columns scaled over
+    three orders of magnitude), and finite, orthonormal where independent, on a block with dependent and
+    zero columns."""
+    g = torch.Generator().manual_seed(n + w)
+    Y = torch.randn(3, n, w, generator=g, dtype=torch.float64) * torch.logspace(0, -3, w, dtype=torch.float64)
+    Q = cs.cholqr(Y, fused=True)
+    torch.testing.assert_close(Q, cs.cholqr(Y, fused=False), rtol=1e-8, atol=1e-10)
+    eye = torch.eye(w, dtype=torch.float64)
+    assert (Q.transpose(1, 2) @ Q - eye).abs().max() < 1e-6
+    Y[1, :, 3] = Y[1, :, 0]  # dependent
+    Y[2, :, 5:] = 0.0  # zero columns (the padding of a small block)
+    Q = cs.cholqr(Y, fused=True)
+    assert torch.isfinite(Q).all()
+    assert (Q[2, :, 5:] == 0).all()
+    torch.testing.assert_close(Q[2, :, :5].T @ Q[2, :, :5], eye[:5, :5], rtol=0, atol=1e-8)
+    torch.testing.assert_close(Q[1, :, :3].T @ Q[1, :, :3], eye[:3, :3], rtol=0, atol=1e-8)
