@@ -42,7 +42,8 @@ from functools import lru_cache
 
 import torch
 
-from mcr_exit.metrics.cheb_step import cheb_step, cholqr, deflated_half, tf32, times_block
+from mcr_exit.metrics.cheb_step import cheb_step, deflated_half, tf32
+from mcr_exit.metrics.subspace_kernels import cholqr, times_block
 
 _TINY = 1e-300
 

@@ -99,7 +99,7 @@ def test_compiled_symmetric_step_and_deflation_kernels_equal_their_interpreted_c
 
 def test_compiled_block_product_has_float32_accuracy():
     """Three TF32 passes: the error of a float32 product, not of one TF32 pass (~1e-3 relative)."""
-    from mcr_exit.metrics.cheb_step import times_block
+    from mcr_exit.metrics.subspace_kernels import times_block
 
     g = torch.Generator(device="cuda").manual_seed(0)
     G = torch.randn(4, 1024, 1024, generator=g, device="cuda")
@@ -109,7 +109,7 @@ def test_compiled_block_product_has_float32_accuracy():
 
 
 def test_compiled_cholesky_qr_equals_torch():
-    from mcr_exit.metrics.cheb_step import cholqr
+    from mcr_exit.metrics.subspace_kernels import cholqr
 
     g = torch.Generator(device="cuda").manual_seed(5)
     Y = torch.randn(64, 1024, 32, generator=g, device="cuda", dtype=torch.float64)
