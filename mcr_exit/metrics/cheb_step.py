@@ -7,7 +7,8 @@
 
 with half-precision A, X, P, Y and float32 accumulation. The Chebyshev recurrence is
 T_j+1 = 4 c S T_j - 2 T_j - T_j-1 (alpha 4c, beta -2) and the squarings are S_k+1 = S_k S_k / ||S_k||^2
-(alpha 1/||S_k||^2, beta 0, no P); the norms give the traces the estimate needs.
+(alpha 1/||S_k||^2, beta 0, no P); the norms give the traces the estimate needs. With ``dots`` (K stacked
+matrices D_k) it also returns <Y_b, D_k,b>_F: the giant steps' inner products with T_1..T_b.
 
 ``symmetric=True`` is for the case the estimate always has: A, X and P are polynomials in one symmetric
 matrix, so A X is symmetric too. The kernel then computes only the tiles on and above the diagonal and
