@@ -19,9 +19,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from mcr_exit.metrics.attention import AttentionStats, HeadStatsAccumulator
+from mcr_exit.models import fused_attention_kernels as fak
 from mcr_exit.models.adapters import ArchitectureAdapter
-from mcr_exit.models.fused_attention import fused_attention_stats
-from mcr_exit.models.fused_attention_kernels import augmented_size
+from mcr_exit.models.fused_attention import augmented_size, fused_attention_stats
 
 IMPLEMENTATION = "mcr_stats"
 # Bytes of float32 scores per chunk of query rows; bounds the transient memory of one attention call.
@@ -44,11 +44,12 @@ class _Collector:
     method: str = "auto"
 
 
-def fused_fits(head_dim: int) -> bool:
-    """Whether the fused path's calls all run as fused GPU kernels: its column-sum call has head size
-    head_dim + 2 (rounded up to a multiple of 8), and the kernels take at most 256. Larger heads (256, as
-    in Gemma) would fall to the matmul reference, which holds T x T scores for all heads at once."""
-    return augmented_size(head_dim) <= 256
+def fused_fits(head_dim: int, kernels: bool = False) -> bool:
+    """Whether the fused path's calls all run as fused GPU kernels (attention calls take head sizes up to
+    256). With the Triton sweep (``kernels``) that is the model's own call; without it the torch path's
+    column-sum call has head size head_dim + 2 (rounded up to a multiple of 8), so heads of 256 (Gemma)
+    would fall to the matmul reference, which holds T x T scores for all heads at once."""
+    return head_dim <= 256 if kernels else augmented_size(head_dim) <= 256
 
 
 def _use_fused(collector: _Collector, block: int, query, key, softcap, kwargs) -> bool:
@@ -60,7 +61,8 @@ def _use_fused(collector: _Collector, block: int, query, key, softcap, kwargs) -
         if not plain:
             raise ValueError("fused attention statistics need plain causal attention (no window, no softcap)")
         return True
-    return plain and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and fused_fits(query.shape[-1])
+    return (plain and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+            and fused_fits(query.shape[-1], fak.usable(query)))
 
 
 _ACTIVE: contextvars.ContextVar[_Collector | None] = contextvars.ContextVar("mcr_exit_collector", default=None)

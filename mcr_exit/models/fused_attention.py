@@ -1,20 +1,26 @@
 """Attention statistics without any T x T matrix, from the softmax normalizer (GPU fast path).
 
-For causal attention with scores s_tj = scale * q_t . k_j and lse_t = log sum_j exp(s_tj):
+The model's attention call returns, besides its output, lse_t = log sum_j exp(s_tj) for the causal
+scores s_tj = scale * q_t . k_j; every statistic is a sum of a function of A_tj = exp(s_tj - lse_t).
+
+On GPUs (``fused_attention_kernels``) one Triton sweep recomputes the scores tile by tile, as a flash
+attention kernel does, and reduces them on the spot: column sums (the sink score is the first), row
+entropies and the diagonal. One extra product q k^T, no second attention call, memory O(B H T).
+
+Where the kernels do not run, the same quantities come from two more attention calls and row-wise
+products (the torch path, also the kernels' reference in the tests):
 
 * A[t, 0] = exp(s_t0 - lse_t) and A[t, t] = exp(s_tt - lse_t): one dot product per row;
 * H(A[t, :]) = lse_t - sum_j A_tj s_tj = -log A[t, 0] - scale * q_t . sum_j A_tj (k_j - k_0):
   the sum is an attention output with values k_j - k_0 (centred on the BOS key, so that a sink
   row, whose output is near 0, keeps its precision in half-precision kernels);
 * column sums sum_t A[t, j] = exp(LSE over t >= j of (s_tj - lse_t)): an anti-causal attention of
-  keys over queries (causal on reversed inputs for cuDNN, a one-sided window in flash attention), with
-  -lse_t folded into two extra feature columns (a high and a low half-precision part, so the fold costs
-  no precision).
+  keys over queries (a one-sided window in flash attention), with -lse_t folded into two extra feature
+  columns (a high and a low half-precision part, so the fold costs no precision).
 
-Each quantity is one fused attention call (on CUDA cuDNN's fused attention where it runs, else flash
-attention; grouped-query heads read in place) or a cheap row-wise product; memory stays O(B H T d).
-A plain matmul reference implements the same primitive on the CPU, so the algebra is tested everywhere
-and only the kernel call is GPU-specific.
+Each attention call is fused (on CUDA cuDNN's fused attention where it runs, else flash attention;
+grouped-query heads read in place); a plain matmul reference implements the same primitive on the CPU,
+so the algebra is tested everywhere and only the kernel call is GPU-specific.
 """
 
 from __future__ import annotations
@@ -143,37 +149,32 @@ def _augment(x: torch.Tensor, heads: int, extra: list[torch.Tensor]) -> torch.Te
     return torch.cat(cols, dim=-1).reshape(B, T, heads, width + pad).transpose(1, 2)
 
 
+def augmented_size(d: int) -> int:
+    """Head size of the torch path's column-sum call: d + 2 fold columns, padded to a multiple of 8."""
+    return d + 2 + (-(d + 2)) % 8
+
+
 def fused_attention_stats(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, lengths: torch.Tensor,
-    *, kernels: bool | None = None, reversed_columns: bool | None = None,
+    *, kernels: bool | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Causal attention output and per-head statistics for a right-padded batch.
 
     Args:
         q: (B, H, T, d); k, v: (B, Hkv, T, d) with H a multiple of Hkv (grouped-query attention).
         lengths: (B,) real tokens per row.
-        kernels: the per-row work in two Triton kernels (``fused_attention_kernels``) instead of torch
-            operations: None where they compile (CUDA with Triton), True to force (tests, interpreter).
-        reversed_columns: with the kernels, have them write the column-sum call's inputs in reversed
-            order, so that it is a causal call (None: where cuDNN's attention runs for that head size).
+        kernels: the statistics from one Triton sweep over the scores (``fused_attention_kernels``) after
+            the output's own call, instead of two more attention calls and torch operations: None where
+            they compile (CUDA with Triton), True to force (tests, interpreter).
 
     Returns:
         (output (B, H, T, dv) in v's dtype, AttentionStats with (B, H) tensors).
     """
     B, H, T, _ = q.shape
     out, lse = lse_attention(q, k, v, scale)
-    k0 = k[:, :, :1]
-    centred, _ = lse_attention(q, k, k - k0, scale)
     if kernels if kernels is not None else fak.usable(q):
         try:
-            # the column-sum call: anti-causal, or causal on sequences the kernel writes reversed where
-            # cuDNN (causal only) runs for the augmented head size
-            d_aug = fak.augmented_size(q.shape[-1])
-            flipped = reversed_columns if reversed_columns is not None else cudnn_ok(q.new_empty(1, 1, 1, d_aug),
-                                                                                     k.new_empty(1, 1, 1, d_aug))
-            part, q_aug, k_aug = fak.row_stats(q, k, centred, lse, lengths, scale, reverse=flipped)
-            _, lse_cols = lse_attention(k_aug, q_aug, q_aug, scale, reverse=not flipped)
-            s = fak.finish(part, lse_cols, lengths, reverse=flipped)
+            s = fak.attention_scores(q, k, lse, lengths, scale)
             return out, AttentionStats(sink_score=s[..., 0], mixing_score=s[..., 1],
                                        colsum_concentration=s[..., 2], diag_score=s[..., 3])
         except torch.OutOfMemoryError:
@@ -182,6 +183,8 @@ def fused_attention_stats(
             if kernels:
                 raise
             fak.give_up(exc)
+    k0 = k[:, :, :1]
+    centred, _ = lse_attention(q, k, k - k0, scale)
     # three row-wise dot products q_t . (k_0, k_t, centred_t), accumulated in float32
     dots = _row_dots(q, [k0, k, centred]) * scale  # (B, H, T, 3)
     log_a0 = dots[..., 0] - lse  # (B, H, T)

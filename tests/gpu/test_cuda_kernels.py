@@ -32,15 +32,19 @@ def test_flash_lse_attention_equals_the_reference(reverse):
     torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("flipped", [None, False, True])
-def test_fused_statistics_on_the_gpu_equal_the_float32_cpu_path(flipped):
-    """None: the default choice (a causal cuDNN column-sum call on reversed inputs where cuDNN runs)."""
+@pytest.mark.parametrize("H,Hkv,T,d,lengths", [
+    (8, 2, 257, 64, [257, 140]),
+    (8, 2, 1024, 128, [1024, 700]),  # Llama-3's head size, every tile configuration of the sweep
+    (4, 4, 300, 256, [300, 31]),  # Gemma's head size
+])
+def test_fused_statistics_on_the_gpu_equal_the_float32_cpu_path(H, Hkv, T, d, lengths):
+    """The compiled sweep on bf16 inputs against the torch path in float32 on the CPU."""
     from mcr_exit.models.fused_attention import fused_attention_stats
 
-    q, k, v = _qkv(T=257)
-    lengths = torch.tensor([257, 140], device="cuda")
-    _, gpu = fused_attention_stats(q, k, v, 0.125, lengths, reversed_columns=flipped)
-    _, cpu = fused_attention_stats(q.cpu().float(), k.cpu().float(), v.cpu().float(), 0.125, lengths.cpu())
+    q, k, v = _qkv(H=H, Hkv=Hkv, T=T, d=d)
+    lengths = torch.tensor(lengths, device="cuda")
+    _, gpu = fused_attention_stats(q, k, v, d**-0.5, lengths, kernels=True)
+    _, cpu = fused_attention_stats(q.cpu().float(), k.cpu().float(), v.cpu().float(), d**-0.5, lengths.cpu())
     for key in ("sink_score", "mixing_score", "colsum_concentration", "diag_score"):
         torch.testing.assert_close(getattr(gpu, key).cpu(), getattr(cpu, key), atol=1e-3, rtol=0, msg=key)
 
@@ -65,8 +69,8 @@ def test_fused_step_kernel_equals_the_torch_step(n):
 @pytest.mark.parametrize("n", [1024, 700])
 def test_compiled_symmetric_step_and_deflation_kernels_equal_their_interpreted_checks(n):
     """The kernels tests/metrics/test_cheb_step.py runs in the interpreter, compiled, at the estimate's sizes."""
-    from tests.metrics.test_cheb_step import _commuting
     from mcr_exit.metrics.cheb_step import cheb_step, deflated_half
+    from tests.metrics.test_cheb_step import _commuting
 
     S, T = (t.cuda() for t in _commuting(3, n, seed=n))
     alpha = torch.tensor([4.0, 3.0, 2.0], device="cuda")
