@@ -84,23 +84,31 @@ class SpectralReducer:
     def _flush_estimates(self) -> None:
         """Estimate the waiting Gram matrices: inline on CPUs; on a GPU in a worker thread on its own CUDA
         stream, so that the estimate's host work and its few synchronizations (small eigenproblems) overlap
-        the next layers' forward pass instead of draining the GPU's queue."""
+        the next layers' forward pass instead of draining the GPU's queue. A model spread over several
+        GPUs gets one job per device, each on that device's side stream."""
         waiting, self.waiting = self.waiting, []
-        if not waiting[0][1].is_cuda:
-            self._estimate(waiting)
-            return
+        by_device: dict[torch.device, list] = {}
+        for w in waiting:
+            by_device.setdefault(w[1].device, []).append(w)
+        for device, group in by_device.items():
+            if device.type == "cuda":
+                self._estimate_on_side(device, group)
+            else:
+                self._estimate(group)
+
+    def _estimate_on_side(self, device: torch.device, waiting: list) -> None:
         if self.side is None:
             self.side = ThreadPoolExecutor(1, thread_name_prefix="mcr-spectra")
-        device = waiting[0][1].device
         ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(device))
+        with torch.cuda.device(device):
+            ready.record(torch.cuda.current_stream(device))
 
         def work() -> None:
             if device not in self.streams:  # one side stream per device, made once
                 self.streams[device] = torch.cuda.Stream(device=device)
             stream = self.streams[device]
             stream.wait_event(ready)
-            with torch.cuda.stream(stream), torch.inference_mode():
+            with torch.cuda.device(device), torch.cuda.stream(stream), torch.inference_mode():
                 for terms, gram, _, _ in waiting:  # made on the main stream, read on this one
                     gram.record_stream(stream)
                     for v in terms.values():
@@ -305,7 +313,8 @@ def collect_statistics(
         if layers:  # all layers' head statistics summarized at once, not layer by layer
             js = sorted(layers)
             cols = slice(js[0], js[-1] + 1) if js == list(range(js[0], js[-1] + 1)) else js
-            heads = AttentionStats(**{key: torch.stack([getattr(layers[j], key) for j in js], 1)
+            on = getattr(layers[js[0]], HEAD_METRICS[0]).device  # layers of a model on several GPUs: one device
+            heads = AttentionStats(**{key: torch.stack([getattr(layers[j], key).to(on) for j in js], 1)
                                       for key in HEAD_METRICS})  # (B, layers, H)
             for key, val in summarize_heads(heads, tau).items():
                 buffer.add(stats.attention, key, (N, L), cols, val)

@@ -60,7 +60,13 @@ def init_from_env(device: str) -> str:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device == "cuda":
-        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if not device.startswith("cuda"):
+        dist.init_process_group("gloo")
+        return device
+    import torch
+
+    if device == "cuda":  # one GPU per rank, by its local rank
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=torch.device(device))  # (NCCL need not guess the rank's GPU)
     return device

@@ -226,7 +226,7 @@ def _remainder(G, inv, left, right, *, degree: int, squarings: int, sd: torch.dt
 # are cloned out. Any failure to capture turns graphs off for the process, with one warning.
 GRAPH_SHAPES = 2
 _GRAPHS: dict = {}  # (phase, shapes) key -> (graph, static inputs, outputs), least recently used first
-_LAST: dict = {}  # phase -> key of its last eager call
+_LAST: dict = {}  # (phase, device) -> key of its last eager call
 _STATIC: dict = {}  # shape -> the persistent input tensor, as many as graphs
 _GRAPHS_FAILED: list = []
 
@@ -243,8 +243,9 @@ def _static_input(G: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():  # the graphs' tensors are inference tensors, whatever mode the caller is in
         buf = _STATIC.pop(key, None)
         if buf is None:
-            while len(_STATIC) >= GRAPH_SHAPES:  # (a graph still holding an evicted buffer gets a copy)
-                _STATIC.pop(next(iter(_STATIC)))
+            mine = [k for k in _STATIC if k[2] == G.device]  # GRAPH_SHAPES per device
+            for k in mine[: max(0, len(mine) - GRAPH_SHAPES + 1)]:  # (a graph holding an evicted buffer copies)
+                del _STATIC[k]
             buf = torch.empty_like(G)
         _STATIC[key] = buf  # most recently used last
         buf.copy_(G)
@@ -277,7 +278,7 @@ def _capture(fn, static: tuple, options: dict):
 def _graphed(key, fn, inputs: tuple, use: bool, **options) -> tuple:
     if not use:
         return fn(*inputs, **options)
-    phase = key[0]
+    phase = (key[0], inputs[0].device)  # a model on several GPUs: each device has its own graphs
     key = (key, tuple(tuple(x.shape) for x in inputs), inputs[0].device)
     entry = _GRAPHS.pop(key, None)
     if entry is None:
@@ -294,7 +295,7 @@ def _graphed(key, fn, inputs: tuple, use: bool, **options) -> tuple:
             warnings.warn(f"CUDA graphs of the spectral estimate are off ({type(exc).__name__}: {exc})", stacklevel=3)
             return fn(*inputs, **options)
         entry = (graph, static, out)
-        same_phase = [k for k in _GRAPHS if k[0][0] == phase]
+        same_phase = [k for k in _GRAPHS if (k[0][0], k[2]) == phase]
         for k in same_phase[: max(0, len(same_phase) - GRAPH_SHAPES + 1)]:  # least recently used out
             del _GRAPHS[k]
     _GRAPHS[key] = entry  # most recently used last
@@ -334,6 +335,10 @@ def estimate_spectrum(
         fused: the Triton kernels of ``cheb_step`` (None: where they run).
         graphs: replay the synchronization-free phases as CUDA graphs (None: on GPUs).
     """
+    if gram.is_cuda and gram.device != torch.device("cuda", torch.cuda.current_device()):
+        with torch.cuda.device(gram.device):  # Triton kernels and graphs run on the current device
+            return estimate_spectrum(gram, width=width, iterations=iterations, degree=degree, squarings=squarings,
+                                     tol=tol, storage=storage, seed=seed, fused=fused, graphs=graphs)
     if gram.dim() == 2:
         gram = gram.unsqueeze(0)
     B, n, _ = gram.shape

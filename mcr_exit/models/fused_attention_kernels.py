@@ -23,6 +23,7 @@ interpreter on the CPU (``TRITON_INTERPRET=1``) and compare; on GPUs they are co
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from functools import lru_cache
@@ -163,6 +164,13 @@ def attention_scores(q, k, lse, lengths, scale, config: tuple | None = None) -> 
     q: (B, H, T, d); k: (B, Hkv, T, d), H a multiple of Hkv (grouped heads read in place); lse (B, H, T)
     float32, natural log, of the causal attention s = scale q . k; lengths (B,) real tokens per row.
     ``config``: (keys per program, queries per tile, warps, stages), else by head size."""
+    # Triton launches on the current CUDA device: make it the tensors' one (a model spread over several
+    # GPUs runs its later layers on another device than the main thread's current one)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        return _scores(q, k, lse, lengths, scale, config)
+
+
+def _scores(q, k, lse, lengths, scale, config):
     B, H, T, d = q.shape
     G = H // k.shape[1]
     for x in (q, k):
@@ -189,7 +197,7 @@ def attention_scores(q, k, lse, lengths, scale, config: tuple | None = None) -> 
         if type(exc).__name__ != "OutOfResources" or config == SMALL:
             raise
         _SHRUNK[BD] = SMALL
-        return attention_scores(q, k, lse, lengths, scale)
+        return _scores(q, k, lse, lengths, scale, None)
     out = torch.empty(B, H, 4, dtype=torch.float32, device=q.device)
     fin[(B * H,)](part, col, lens, out, T, NB, H, BT=128, **_launch(q, num_warps=4))
     return out

@@ -7,6 +7,7 @@ Skipped without a GPU (CI has none); the same algebra runs on the CPU through th
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,3 +232,37 @@ def test_gpu_analysis_with_threaded_estimates_equals_the_exact_chunked_path():
     assert np.abs(fast.hidden["entropy"] - exact.hidden["entropy"]).max() < 1e-3
     for key in ("sink_score", "mixing_score", "colsum_concentration", "diag_score"):
         assert np.abs(fast.attention[key] - exact.attention[key]).max() < 1e-3, key
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_analysis_of_a_model_spread_over_two_gpus_equals_one_gpu():
+    """device_map-style placement (accelerate's dispatch, as from_pretrained(device_map="auto") does):
+    later layers, their attention kernels and their spectra estimates run on the second GPU."""
+    from accelerate import dispatch_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mcr_exit.analysis.collect import collect_statistics
+    from mcr_exit.models import from_objects
+    from tests.tiny import build_tokenizer
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda:0"):
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    tok = build_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    ids = [[1] + torch.randint(3, 512, (n - 1,), generator=g).tolist() for n in (300, 300, 290, 300, 300, 280)]
+    opts = dict(spectral_backend="estimate", max_batch=2)
+    one = collect_statistics(from_objects(model, tok), ids, **opts)
+    placement = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
+                 "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    model = dispatch_model(model, device_map=placement)
+    assert model.model.layers[3].self_attn.q_proj.weight.device == torch.device("cuda:1")
+    two = collect_statistics(from_objects(model, tok), ids, **opts)
+    for group in ("hidden", "attention", "heads", "final_normed"):
+        a, b = getattr(one, group), getattr(two, group)
+        assert a.keys() == b.keys() and a, group
+        for key in a:
+            assert np.isfinite(b[key]).any(), (group, key)
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, equal_nan=True, err_msg=f"{group}.{key}")
