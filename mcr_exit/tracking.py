@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,7 +94,9 @@ class RunLogger:
         df = pd.DataFrame({"text": texts})
         # Local files resolve to a file source; the built-in corpus and hf: names are recorded as tags.
         src = source if Path(source).exists() else CodeDatasetSource(tags={"source": source})
-        dataset = mlflow.data.from_pandas(df, source=src, name=name, digest=digest[:36])
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so each time
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
+            dataset = mlflow.data.from_pandas(df, source=src, name=name, digest=digest[:36])
         from mlflow.entities import DatasetInput, InputTag
 
         tag = InputTag(key="mlflow.data.context", value=context)

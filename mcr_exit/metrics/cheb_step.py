@@ -200,12 +200,13 @@ def triton_usable(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in (torch.float16, torch.bfloat16) and _has_triton()
 
 
-_FAILED: list[Exception] = []  # set once a kernel has failed to build or run here
+_FAILED: dict[str, Exception] = {}  # kernel -> why it failed to build or run here (torch from then on)
 
 
-def _run_fused(auto: bool, fused_call, torch_call):
-    """The kernel where it runs; on its first failure where it was picked automatically, a warning and torch."""
-    if auto and _FAILED:
+def _run_fused(auto: bool, fused_call, torch_call, kernel: str):
+    """The kernel where it runs; on its first failure where it was picked automatically, a warning and
+    torch for that kernel (the estimate's other kernels keep running)."""
+    if auto and kernel in _FAILED:
         return torch_call()
     try:
         return fused_call()
@@ -214,9 +215,9 @@ def _run_fused(auto: bool, fused_call, torch_call):
     except Exception as exc:  # noqa: BLE001 - a GPU or Triton the kernel does not build for
         if not auto:
             raise
-        _FAILED.append(exc)
-        warnings.warn(f"a fused Triton kernel of the spectral estimate failed ({type(exc).__name__}: {exc}); "
-                      "using torch operations", stacklevel=3)
+        _FAILED[kernel] = exc
+        warnings.warn(f"the spectral estimate's Triton kernel '{kernel}' failed ({type(exc).__name__}: {exc}); "
+                      "using torch operations for it", stacklevel=3)
     return torch_call()
 
 
@@ -270,7 +271,7 @@ def cheb_step(A: torch.Tensor, X: torch.Tensor, P: torch.Tensor | None, alpha: t
     if not fused:
         return torch_call()
     return _run_fused(auto, lambda: _fused_step(A, X, P, alpha, beta, gamma, delta, symmetric, B, n, blocks,
-                                                warps, stages, dots, out), torch_call)
+                                                warps, stages, dots, out), torch_call, "step")
 
 
 def _launch(X: torch.Tensor, warps: int, stages: int) -> dict:
@@ -364,4 +365,4 @@ def deflated_half(G: torch.Tensor, inv: torch.Tensor, L: torch.Tensor, R: torch.
         sums = part.sum(1, dtype=torch.float64)
         return (Y if write else None), sums[:, 0], sums[:, 1]
 
-    return _run_fused(auto, fused_call, torch_call)
+    return _run_fused(auto, fused_call, torch_call, "deflate")

@@ -102,7 +102,7 @@ def times_block(G: torch.Tensor, Q: torch.Tensor, *, fused: bool | None = None, 
                                                       **_launch(G, warps, stages))
         return Y
 
-    return _run_fused(auto, fused_call, torch_call)
+    return _run_fused(auto, fused_call, torch_call, "thin")
 
 
 def _torch_cholqr(Y: torch.Tensor) -> torch.Tensor:
@@ -143,4 +143,4 @@ def cholqr(Y: torch.Tensor, *, fused: bool | None = None, warps: int = 4) -> tor
         _kernels()[1][(B,)](C, X, w, BW=max(16, 1 << (w - 1).bit_length()), **_launch(Y, warps, 1))
         return Y @ X.transpose(-1, -2)
 
-    return _run_fused(auto, fused_call, torch_call)
+    return _run_fused(auto, fused_call, torch_call, "cholinv")

@@ -170,22 +170,28 @@ def test_the_estimate_through_the_kernel_matches_float64_eigenvalues(interpreted
 
 def test_a_kernel_that_fails_to_build_falls_back_to_torch_once(monkeypatch):
     """Where the fused step is picked automatically (a GPU) and Triton cannot build it, the torch version
-    runs instead, with one warning; a forced kernel raises."""
+    runs instead, with one warning; the other kernels keep running; a forced kernel raises."""
     A, X = _pair(2, 40, seed=5)
+    real = cs._kernels
 
-    def broken():
-        raise RuntimeError("no kernel for this GPU")
+    class Broken:
+        def __getitem__(self, grid):
+            raise RuntimeError("no kernel for this GPU")
+
+    def broken_step():
+        return [Broken(), *real()[1:]]  # the step kernel does not build; the deflation kernel does
 
     monkeypatch.setattr(cs, "triton_usable", lambda t: True)
-    monkeypatch.setattr(cs, "_kernels", broken)
-    monkeypatch.setattr(cs, "_FAILED", [])
-    with pytest.warns(UserWarning, match="no kernel for this GPU"):
+    monkeypatch.setattr(cs, "_kernels", broken_step)
+    monkeypatch.setattr(cs, "_FAILED", {})
+    with pytest.warns(UserWarning, match="kernel 'step' failed"):
         Y, sq, _ = cs.cheb_step(A, X, None, torch.ones(2), 0.0)
     Yr, sqr, _ = cs.cheb_step(A, X, None, torch.ones(2), 0.0, fused=False)
     assert torch.equal(Y, Yr) and torch.equal(sq, sqr)
-    assert len(cs._FAILED) == 1
+    assert list(cs._FAILED) == ["step"]
     cs.cheb_step(A, X, None, torch.ones(2), 0.0)  # no second attempt, no second warning
-    assert len(cs._FAILED) == 1
+    assert list(cs._FAILED) == ["step"]
+    assert cs._run_fused(True, lambda: "kernel", lambda: "torch", "thin") == "kernel"  # others still run
     with pytest.raises(RuntimeError, match="no kernel"):
         cs.cheb_step(A, X, None, torch.ones(2), 0.0, fused=True)
 
