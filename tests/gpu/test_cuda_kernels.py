@@ -234,35 +234,92 @@ def test_gpu_analysis_with_threaded_estimates_equals_the_exact_chunked_path():
         assert np.abs(fast.attention[key] - exact.attention[key]).max() < 1e-3, key
 
 
+def _small_llama(device):
+    """A bf16 Llama with Gram matrices large enough for the estimate (T ~ 300 > 256 = hidden size), and prompts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    g = torch.Generator().manual_seed(0)
+    ids = [[1] + torch.randint(3, 512, (n - 1,), generator=g).tolist() for n in (300, 300, 290, 300, 300, 280)]
+    return model, ids
+
+
+def _assert_same_statistics(got, want, rtol=1e-4, atol=1e-5):
+    for group in ("hidden", "attention", "heads", "final_normed"):
+        a, b = getattr(want, group), getattr(got, group)
+        assert a.keys() == b.keys() and a, group
+        for key in a:
+            assert np.isfinite(b[key]).any(), (group, key)
+            np.testing.assert_allclose(b[key], a[key], rtol=rtol, atol=atol, equal_nan=True, err_msg=f"{group}.{key}")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_analysis_of_a_model_spread_over_two_gpus_equals_one_gpu():
     """device_map-style placement (accelerate's dispatch, as from_pretrained(device_map="auto") does):
     later layers, their attention kernels and their spectra estimates run on the second GPU."""
     from accelerate import dispatch_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from mcr_exit.analysis.collect import collect_statistics
     from mcr_exit.models import from_objects
     from tests.tiny import build_tokenizer
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device("cuda:0"):
-        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    model, ids = _small_llama("cuda:0")
     tok = build_tokenizer()
-    g = torch.Generator().manual_seed(0)
-    ids = [[1] + torch.randint(3, 512, (n - 1,), generator=g).tolist() for n in (300, 300, 290, 300, 300, 280)]
     opts = dict(spectral_backend="estimate", max_batch=2)
     one = collect_statistics(from_objects(model, tok), ids, **opts)
     placement = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 0,
                  "model.layers.2": 1, "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
     model = dispatch_model(model, device_map=placement)
     assert model.model.layers[3].self_attn.q_proj.weight.device == torch.device("cuda:1")
-    two = collect_statistics(from_objects(model, tok), ids, **opts)
-    for group in ("hidden", "attention", "heads", "final_normed"):
-        a, b = getattr(one, group), getattr(two, group)
-        assert a.keys() == b.keys() and a, group
-        for key in a:
-            assert np.isfinite(b[key]).any(), (group, key)
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, equal_nan=True, err_msg=f"{group}.{key}")
+    _assert_same_statistics(collect_statistics(from_objects(model, tok), ids, **opts), one)
+
+
+def _nccl_worker(rank: int, port: int, out: str) -> None:
+    import os
+    import pickle
+
+    import torch.distributed as dist
+
+    from mcr_exit.analysis.distributed import collect_statistics_distributed, init_from_env
+    from mcr_exit.models import from_objects
+    from tests.tiny import build_tokenizer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    device = init_from_env("cuda")  # what `mcr-exit analyze` does under torchrun
+    try:
+        assert device == f"cuda:{rank}" and dist.get_backend() == "nccl"
+        model, ids = _small_llama(device)
+        stats = collect_statistics_distributed(from_objects(model, build_tokenizer()), ids,
+                                               spectral_backend="estimate", max_batch=2)
+        with open(f"{out}.{rank}", "wb") as f:
+            pickle.dump(stats, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_nccl_ranks_equal_one_process(tmp_path):
+    import pickle
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from mcr_exit.analysis.collect import collect_statistics
+    from mcr_exit.models import from_objects
+    from tests.tiny import build_tokenizer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "stats")
+    mp.start_processes(_nccl_worker, args=(port, out), nprocs=2, join=True, start_method="spawn")
+    model, ids = _small_llama("cuda:0")
+    single = collect_statistics(from_objects(model, build_tokenizer()), ids, spectral_backend="estimate", max_batch=2)
+    for r in range(2):
+        with open(f"{out}.{r}", "rb") as f:
+            _assert_same_statistics(pickle.load(f), single, rtol=1e-3, atol=1e-4)
