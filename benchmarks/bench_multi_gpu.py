@@ -6,6 +6,9 @@
     # one model over all visible GPUs, placed as from_pretrained(device_map="auto") places it
     # (accelerate's infer_auto_device_map + dispatch_model; weights random, made on their devices)
     python benchmarks/bench_multi_gpu.py split --config llama-84b --prompts 8
+    # mcr-exit's own loader, load_model(folder, device="auto"), on a checkpoint written first, with GPU 0
+    # filled up to --gpu0-free GiB so that "auto" must split; compared with the same weights on one GPU
+    python benchmarks/bench_multi_gpu.py load-auto --config llama-3-8b --prompts 8
 
 Random weights (speed does not depend on them); prompts of random tokens with lengths spread over
 [T/2, T], so that batches are padded. ``dp`` also runs on CPUs with gloo (``--device cpu``).
@@ -209,17 +212,64 @@ def run_split(args) -> None:
           f"{np.nanmean(h[:, L]):.3f}")
 
 
+def run_load_auto(args) -> None:
+    import tempfile
+
+    from mcr_exit.analysis.collect import collect_statistics
+    from mcr_exit.models import from_objects, load_model
+
+    model, tok = build_on(args.config, "cuda:0", torch.bfloat16), tokenizer()
+    folder = tempfile.mkdtemp(prefix="mcr-ckpt-")
+    t = time.perf_counter()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    t_save = time.perf_counter() - t
+    ids = prompts(args.prompts, args.seq_len, CONFIGS[args.config]["vocab_size"])
+    opts = dict(spectral_backend="estimate", max_batch=args.batch)
+    ref = collect_statistics(from_objects(model, tok), ids, **opts)
+    del model
+    torch.cuda.empty_cache()
+    hog = torch.empty(torch.cuda.mem_get_info(0)[0] - int(args.gpu0_free * 2**30), dtype=torch.uint8, device="cuda:0")
+    free = [torch.cuda.mem_get_info(i)[0] / 2**30 for i in range(torch.cuda.device_count())]
+    t = time.perf_counter()
+    loaded = load_model(folder, device="auto", dtype="bfloat16")
+    t_load = time.perf_counter() - t
+    del hog
+    torch.cuda.empty_cache()
+    layers: dict = {}
+    for name, dev in getattr(loaded.model, "hf_device_map", {}).items():
+        layers[dev] = layers.get(dev, 0) + name.startswith("model.layers.")
+    weights: dict = {}
+    for p in loaded.model.parameters():
+        weights[str(p.device)] = weights.get(str(p.device), 0.0) + p.numel() * p.element_size() / 2**30
+    got = collect_statistics(loaded, ids, **opts)
+    d = differences(got, ref)
+    worst = max(d, key=d.get)
+    print(f"# python benchmarks/bench_multi_gpu.py load-auto --config {args.config} --prompts {args.prompts} "
+          f"--seq-len {args.seq_len} --batch {args.batch} --gpu0-free {args.gpu0_free}")
+    print(f"# {torch.cuda.device_count()} x {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"checkpoint written in {t_save:.0f} s; free GiB per GPU before loading: "
+          + " ".join(f"{f:.1f}" for f in free))
+    print(f"load_model(folder, device='auto') in {t_load:.0f} s: decoder layers per GPU {layers}; weights GiB "
+          + " ".join(f"{k} {v:.1f}" for k, v in weights.items()))
+    print(f"statistics of the split model vs the same weights on one GPU, over {len(d)} metrics "
+          f"(|a - b| / max(1, |b|)): largest {d[worst]:.2e} ({worst}); entropy {d['hidden.entropy']:.2e}; "
+          f"anisotropy {d['hidden.anisotropy']:.2e}; sink rate {d['attention.sink_rate']:.2e}; "
+          f"mixing {d['attention.mixing_score']:.2e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["dp", "split"])
+    ap.add_argument("mode", choices=["dp", "split", "load-auto"])
     ap.add_argument("--config", default="llama-3-8b", choices=sorted(CONFIGS))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--headroom", type=float, default=24.0, help="GiB left free on each GPU for activations")
+    ap.add_argument("--gpu0-free", type=float, default=10.0, help="load-auto: GiB left free on GPU 0 while loading")
     args = ap.parse_args()
-    (run_dp if args.mode == "dp" else run_split)(args)
+    {"dp": run_dp, "split": run_split, "load-auto": run_load_auto}[args.mode](args)
 
 
 if __name__ == "__main__":
