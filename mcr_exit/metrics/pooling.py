@@ -7,27 +7,37 @@ import torch
 
 from mcr_exit.errors import ConfigError
 
-POOLINGS = ("mean_no_bos", "last", "mean")
+POOLINGS = ("mean_no_first", "mean", "last")
+# Older name of mean_no_first, still accepted on input; position 0 is not always a BOS (--bos none).
+POOLING_ALIASES = {"mean_no_bos": "mean_no_first"}
+DEFAULT_POOLING = "mean_no_first"
+
+
+def canonical_pooling(pooling: str) -> str:
+    """The registered name of a pooling (aliases resolved); ConfigError for an unknown one."""
+    name = POOLING_ALIASES.get(pooling, pooling)
+    if name not in POOLINGS:
+        raise ConfigError(f"unknown pooling '{pooling}': use {', '.join(POOLINGS)}")
+    return name
 
 
 def pool_hidden(
-    hidden: torch.Tensor, mask: torch.Tensor, pooling: str = "mean_no_bos", *, normalize: bool = False
+    hidden: torch.Tensor, mask: torch.Tensor, pooling: str = DEFAULT_POOLING, *, normalize: bool = False
 ) -> torch.Tensor:
     """(B, T, d) right-padded hidden states, (B, T) 0/1 mask -> (B, d) float32 vectors.
 
-    mean_no_bos: mean over positions 1..n-1 (position 0 carries the massive activation in the middle
+    mean_no_first: mean over positions 1..n-1 (position 0 carries the massive activation in the middle
     layers and would dominate the mean); a one-token row keeps position 0.
     last: the last real token. mean: all real tokens, position 0 included.
     normalize: divide each vector by its L2 norm.
     """
-    if pooling not in POOLINGS:
-        raise ConfigError(f"unknown pooling '{pooling}': use {', '.join(POOLINGS)}")
+    pooling = canonical_pooling(pooling)
     h = hidden.float()
     m = mask.to(h.device, h.dtype)
     if pooling == "last":
         out = h[torch.arange(h.shape[0], device=h.device), mask.long().sum(1).to(h.device) - 1]
     else:
-        if pooling == "mean_no_bos":
+        if pooling == "mean_no_first":
             m = m.clone()
             m[m.sum(1) > 1, 0] = 0.0
         out = (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
