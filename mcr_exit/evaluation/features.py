@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mcr_exit.errors import ConfigError
-from mcr_exit.metrics.pooling import POOLINGS, pool_hidden  # noqa: F401  (pool_hidden re-exported)
+from mcr_exit.metrics.pooling import POOLINGS, canonical_pooling, pool_hidden  # noqa: F401  (re-exported)
 from mcr_exit.models.forward import run_blocks
 from mcr_exit.models.tokens import collate, encode_prompts, length_batches, pad_id_of, resolve_bos
 
@@ -51,8 +51,7 @@ def layer_features(
     max_length: int = 512, max_tokens: int = 8192, max_batch: int = 32,
 ) -> LayerFeatures:
     """Pooled features of every text at every requested hidden index (one forward per batch)."""
-    if pooling not in POOLINGS:
-        raise ConfigError(f"unknown pooling '{pooling}': use {', '.join(POOLINGS)}")
+    pooling = canonical_pooling(pooling)
     adapter = loaded.adapter
     wanted = check_layers(layers, adapter.n_layers)
     enc = encode_prompts(loaded.tokenizer, texts, resolve_bos(loaded.tokenizer, bos), max_length)
