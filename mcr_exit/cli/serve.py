@@ -33,40 +33,58 @@ def _check_serve_extra() -> None:
               help="vLLM: fraction of total GPU memory for vLLM (weights + KV cache).")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM: GPUs per replica.")
 @click.option("--max-layer", type=int, default=None, help="Highest hidden index a request's `layer` may ask for.")
-@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True,
-              help="mean: real tokens without position 0; last: last real token.")
+@click.option("--pooling", type=click.Choice(["mean_no_first", "mean", "last"]), default="mean_no_first",
+              show_default=True, help="mean_no_first: real tokens without position 0; mean: every real token; "
+              "last: the last real token.")
 @click.option("--no-normalize", is_flag=True, help="Return raw pooled vectors instead of L2-normalized ones.")
-@click.option("--max-queue", type=int, default=128, show_default=True, help="Waiting jobs before 429.")
+@click.option("--max-queue", type=int, default=128, show_default=True,
+              help="Generation requests waiting for a KV cache slot before 429.")
+@click.option("--max-queue-tokens", type=int, default=1 << 20, show_default=True,
+              help="Embedding input tokens waiting before 429.")
 @click.option("--max-batch-tokens", type=int, default=8192, show_default=True, help="Token budget per embedding batch.")
 @click.option("--max-batch-size", type=int, default=64, show_default=True)
-@click.option("--max-gen-batch", type=int, default=8, show_default=True, help="Requests per generate call.")
+@click.option("--max-running", type=int, default=64, show_default=True,
+              help="Sequences generating at once (one KV cache slot each).")
+@click.option("--kv-cache-tokens", type=int, default=None,
+              help="KV cache size in tokens (slots of --max-input-tokens + --max-new-tokens). "
+              "Default: 8 slots on a CPU.")
+@click.option("--kv-cache-memory", type=float, default=None,
+              help="KV cache size as a fraction of the GPU's memory, next to the weights and the largest "
+              "forward. Default on a GPU: 0.9.")
 @click.option("--max-inputs", type=int, default=256, show_default=True, help="Inputs per embedding request.")
 @click.option("--max-input-tokens", type=int, default=2048, show_default=True, help="Tokens per input.")
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="Cap on max_tokens.")
 @click.option("--max-body-bytes", type=int, default=4 * 1024 * 1024, show_default=True)
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per request.")
+@click.option("--timeout", type=float, default=120.0, show_default=True,
+              help="Seconds an embedding request may take in total.")
+@click.option("--stall-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds a generation request may go without a new token (a stream that progresses runs on).")
+@click.option("--queue-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a generation request may wait for a KV cache slot before 429.")
+@click.option("--no-cuda-graphs", is_flag=True, help="Run decode steps eagerly instead of replaying CUDA graphs.")
 def serve_command(model, revision, dtype, device, profile_src, tracking_uri, host, port, api_key,
                   served_model_name, engine_kind, gpu_memory_utilization, tensor_parallel_size, max_layer,
-                  pooling, no_normalize, max_queue, max_batch_tokens, max_batch_size, max_gen_batch, max_inputs,
-                  max_input_tokens, max_new_tokens, max_body_bytes, timeout):
+                  pooling, no_normalize, max_queue, max_queue_tokens, max_batch_tokens, max_batch_size, max_running,
+                  kv_cache_tokens, kv_cache_memory, max_inputs, max_input_tokens, max_new_tokens, max_body_bytes,
+                  timeout, stall_timeout, queue_timeout, no_cuda_graphs):
     """Serve embeddings from the profile's layer k (early exit) and full-depth completions."""
     _check_serve_extra()
     if engine_kind == "vllm":
         from mcr_exit.serving.vllm_generator import require_vllm
 
         require_vllm()
-    import uvicorn
-
     from mcr_exit.models import load_model
     from mcr_exit.serving import Engine, EngineConfig
     from mcr_exit.serving.app import create_app
     from mcr_exit.serving.profile_source import check_profile_fits, load_profile_source
 
     profile = load_profile_source(profile_src, tracking_uri=tracking_uri)  # before the slow model load
-    cfg = EngineConfig(max_queue=max_queue, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size,
-                       max_gen_batch=max_gen_batch, max_inputs=max_inputs, max_input_tokens=max_input_tokens,
+    cfg = EngineConfig(max_queue=max_queue, max_queue_tokens=max_queue_tokens, max_batch_tokens=max_batch_tokens,
+                       max_batch_size=max_batch_size, max_running=max_running, kv_cache_tokens=kv_cache_tokens,
+                       kv_cache_memory=kv_cache_memory, max_inputs=max_inputs, max_input_tokens=max_input_tokens,
                        max_new_tokens=max_new_tokens, max_layer=max_layer, request_timeout_s=timeout,
-                       pooling=pooling, normalize=not no_normalize)
+                       stall_timeout_s=stall_timeout, queue_timeout_s=queue_timeout, pooling=pooling,
+                       normalize=not no_normalize, cuda_graphs=not no_cuda_graphs)
     click.echo(f"loading {model or 'the built-in model'} on {device} ...", err=True)
     loaded = load_model(model, revision=revision, dtype=dtype, device=device)
     check_profile_fits(profile, name=loaded.spec.name, model_type=loaded.model.config.model_type,
@@ -86,4 +104,18 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                f"{p.get('refine_start')}; embeddings from hidden {engine.embedding_layer} "
                f"(profile {profile.source}, sha256 {profile.sha256[:12]}); http://{host}:{port}/v1"
                + ("; API key required" if api_key else ""), err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    run_server(app, engine, host=host, port=port)
+
+
+def run_server(app, engine, *, host: str, port: int) -> None:
+    """uvicorn, with SIGINT / SIGTERM also cancelling in-flight generation at once (streams end, the
+    connections close, and the process exits without waiting for them to finish)."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            engine.scheduler.stop()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=1)
+    _Server(config).run()

@@ -1,78 +1,98 @@
-"""The serving engine: owns the model, one worker thread, dynamic batching. Knows nothing about HTTP.
+"""The serving engine: the public API over one model. Knows nothing about HTTP.
 
-Embeddings run the one early-exit path (``models.forward.hidden_at``) to hidden index k; jobs from
-many requests are packed into forward batches under a token budget. Generation runs at full depth
-through ``generation.generate_batch`` (or an optional vLLM generator). The model only ever runs on
-the worker thread; async callers wait on futures, so the event loop never blocks on it.
+It validates and tokenizes requests, sizes the KV pool, warms up, and hands work to the step
+scheduler (``scheduler.py``), which owns the model on its own thread. Embeddings run the one
+early-exit path (``models.forward.hidden_at``) to hidden index k; generation runs at full depth over
+the KV pool. Async callers wait on futures and per-request event queues, so the event loop never
+blocks on the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mcr_exit.errors import ConfigError, DataError
+from mcr_exit.metrics.pooling import DEFAULT_POOLING, POOLING_ALIASES, POOLINGS
 from mcr_exit.models import LoadedModel
 from mcr_exit.models.tokens import encode_prompts, pad_id_of, resolve_bos
-from mcr_exit.serving.errors import EngineNotReady, InvalidRequest, Overloaded, RequestTimeout
-from mcr_exit.serving.generation import GenerationOutput, GenerationRequest
+from mcr_exit.serving.errors import EngineNotReady, InvalidRequest, RequestTimeout
+from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput, GenerationRequest
+from mcr_exit.serving.kv_pool import KVPool
 from mcr_exit.serving.metrics import Metrics
-from mcr_exit.serving.pooling import POOLINGS
+from mcr_exit.serving.model_step import ModelStepper
 from mcr_exit.serving.profile_source import ProfileSource
+from mcr_exit.serving.scheduler import Scheduler
+
+log = logging.getLogger("mcr_exit.serving")
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    max_queue: int = 128  # jobs waiting for the worker; one more is answered with Overloaded (429)
-    max_batch_tokens: int = 8192  # padded tokens per embedding forward
-    max_batch_size: int = 64  # sequences per embedding forward
-    max_gen_batch: int = 8  # requests per generate call
+    max_queue: int = 128  # generation requests waiting for a KV slot; one more is answered 429
+    max_queue_tokens: int = 1 << 20  # embedding input tokens waiting; a request that would pass it gets 429
+    max_batch_tokens: int = 8192  # padded tokens per embedding forward and per prefill
+    max_batch_size: int = 64  # inputs per embedding forward
+    max_running: int = 64  # sequences generating at once (at most one KV slot each)
+    kv_cache_tokens: int | None = None  # KV pool size in tokens ...
+    kv_cache_memory: float | None = None  # ... or as a fraction of the GPU's memory (default 0.9 on a GPU)
     max_inputs: int = 256  # inputs per embedding request
-    max_input_tokens: int = 2048  # tokens per input (BOS included)
+    max_input_tokens: int = 2048  # tokens per input or prompt (BOS included)
     max_new_tokens: int = 1024  # cap on a request's max_tokens
     max_layer: int | None = None  # highest hidden index a request may ask for; None = L
-    request_timeout_s: float = 120.0
-    pooling: str = "mean"
+    request_timeout_s: float = 120.0  # an embedding request, in total
+    stall_timeout_s: float = 60.0  # a generation request without a new token for this long: 504
+    queue_timeout_s: float = 30.0  # a generation request waiting this long for a KV slot: 429
+    pooling: str = DEFAULT_POOLING
     normalize: bool = True
-    warmup: bool = True
+    warmup: bool = True  # warm forwards, and CUDA graphs of the decode steps on a GPU
+    cuda_graphs: bool = True
 
     def __post_init__(self):
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        for name in ("max_queue", "max_batch_tokens", "max_batch_size", "max_gen_batch", "max_inputs",
-                     "max_input_tokens", "max_new_tokens"):
+        if POOLING_ALIASES.get(self.pooling, self.pooling) not in POOLINGS:
+            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        for name in ("max_queue", "max_queue_tokens", "max_batch_tokens", "max_batch_size", "max_running",
+                     "max_inputs", "max_input_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-
-
-@dataclass(eq=False)
-class _Job:
-    kind: str  # "embed" or "generate"
-    future: Future
-    deadline: float
-    payload: object
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass(frozen=True, kw_only=True)
-class _EmbedPayload:
-    ids: list[list[int]]
-    layer: int
-    pooling: str
-    normalize: bool
+        if self.kv_cache_tokens is not None and self.kv_cache_memory is not None:
+            raise ConfigError("give --kv-cache-tokens or --kv-cache-memory, not both")
+        if self.kv_cache_memory is not None and not 0 < self.kv_cache_memory <= 1:
+            raise ConfigError(f"--kv-cache-memory must be a fraction in (0, 1], got {self.kv_cache_memory}")
+        for name in ("request_timeout_s", "stall_timeout_s", "queue_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class EmbeddingResult:
-    vectors: torch.Tensor  # (N, d) float32 on the CPU
+    vectors: np.ndarray  # (N, d) float32
     layer: int
     prompt_tokens: int
+
+
+def eos_ids_of(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return ids
+
+
+def _max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 class Engine:
@@ -94,11 +114,18 @@ class Engine:
         self.bos = resolve_bos(loaded.tokenizer, "auto")
         self.pad_id = pad_id_of(loaded.tokenizer)
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
-        self._queue: deque[_Job] = deque()
-        self._cond = threading.Condition()
-        self._stopping = False
+        self.hidden_size = int(loaded.adapter.embed.weight.shape[1])
+        cap = _max_positions(loaded.model.config)
+        want = self.config.max_input_tokens + self.config.max_new_tokens
+        self.context_len = min(want, cap) if cap else want  # prompt + completion tokens per sequence
+        self.stepper = ModelStepper(loaded)
+        self.scheduler = Scheduler(stepper=self.stepper, tokenizer=loaded.tokenizer, config=self.config,
+                                   metrics=self.metrics, eos_ids=eos_ids_of(loaded.model, loaded.tokenizer),
+                                   pad_id=self.pad_id, generator=generator)
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
+        self.startup_report: dict = {}
+        self.startup_error: str | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
     @property
@@ -110,24 +137,32 @@ class Engine:
         return self.loaded.n_layers
 
     def start(self) -> None:
-        """Start the worker thread; warm-up runs on it and ``is_ready()`` turns true afterwards."""
+        """Start the engine thread; pool sizing and warm-up run on it, then ``is_ready()`` turns true."""
         if self._thread is not None:
             return
-        self._stopping = False
-        self._thread = threading.Thread(target=self._worker, name="mcr-exit-engine", daemon=True)
+        self.scheduler.stopping = False
+        self._thread = threading.Thread(target=self._run, name="mcr-exit-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        with self._cond:
-            self._stopping = True
-            pending = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        for job in pending:
-            if not job.future.done():
-                job.future.set_exception(EngineNotReady("the server is shutting down"))
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                self._build_pool()
+                if self.config.warmup:
+                    self._warm_up()
+        except Exception as exc:  # noqa: BLE001 - requests will show the failure; the server stays up
+            log.exception("engine start-up failed")
+            self.startup_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self._ready.set()
+        self.metrics.set("mcr_exit_ready", 1)
+        self.scheduler.run()
+        self.metrics.set("mcr_exit_ready", 0)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Cancel everything waiting or running (callers get 503) and end the engine thread."""
+        self.scheduler.stop()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=timeout)
             self._thread = None
         self._ready.clear()
 
@@ -142,15 +177,79 @@ class Engine:
         return self._ready.wait(timeout)
 
     def is_ready(self) -> bool:
-        return self._ready.is_set()
+        return self._ready.is_set() and not self.scheduler.stopping
 
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return len(self.scheduler.waiting)
 
     def is_overloaded(self) -> bool:
-        return len(self._queue) >= self.config.max_queue
+        return len(self.scheduler.waiting) >= self.config.max_queue
 
-    # ---- tokenization (cheap, runs in the caller's thread) -------------------------------------
+    def _build_pool(self) -> None:
+        if self.generator is not None:
+            return  # the external backend keeps its own cache
+        cfg, dev = self.config, self.stepper.device
+        shapes = self.stepper.layer_shapes()
+        per_token = KVPool.bytes_per_token(shapes, self.stepper.dtype)
+        tokens = cfg.kv_cache_tokens
+        if tokens is None and (cfg.kv_cache_memory is not None or dev.type == "cuda"):
+            tokens = self._tokens_for_memory(cfg.kv_cache_memory or 0.9, per_token)
+        if tokens is None:
+            tokens = min(cfg.max_running, 8) * self.context_len  # CPU default: 8 sequences
+        n_slots = min(cfg.max_running, tokens // self.context_len)
+        if n_slots < 1:
+            raise ConfigError(f"the KV cache of {tokens} tokens cannot hold one sequence of {self.context_len} "
+                              "tokens (--max-input-tokens + --max-new-tokens)")
+        pool = KVPool(shapes, n_slots=n_slots, slot_len=self.context_len, dtype=self.stepper.dtype, device=dev)
+        self.stepper.attach(pool)
+        self.startup_report.update(kv_slots=n_slots, kv_slot_tokens=self.context_len,
+                                   kv_cache_bytes=pool.nbytes, kv_bytes_per_token=per_token)
+        self.metrics.set("mcr_exit_kv_cache_slots", n_slots)
+
+    def _tokens_for_memory(self, fraction: float, per_token: int) -> int:
+        """KV tokens that fit in ``fraction`` of the GPU next to the weights and the largest forward."""
+        dev = self.stepper.device
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        T = min(self.config.max_input_tokens, self.config.max_batch_tokens)
+        rows = max(1, self.config.max_batch_tokens // T)
+        ids = torch.zeros((rows, T), dtype=torch.long, device=dev)
+        from mcr_exit.models.forward import hidden_at
+
+        h = hidden_at(self.loaded.adapter, ids, torch.ones_like(ids), self.n_layers)
+        self.stepper.logits(h[:, -1])
+        del h
+        torch.cuda.synchronize(dev)
+        activations = torch.cuda.max_memory_allocated(dev) - base
+        free, total = torch.cuda.mem_get_info(dev)
+        budget = fraction * total - (total - free) - 1.5 * activations - (1 << 30)  # 1 GiB for graphs, sampling
+        self.startup_report.update(activation_reserve_bytes=int(1.5 * activations))
+        return max(0, int(budget // per_token))
+
+    def _warm_up(self) -> None:
+        """One embedding forward, one prefill and a few decode steps; then the decode CUDA graphs."""
+        ids = self.encode_texts(["Warm-up: the quick brown fox."])
+        job = EmbedJob(ids=ids, layer=self.embedding_layer, pooling=self.config.pooling,
+                       normalize=self.config.normalize, deadline=float("inf"))
+        self.scheduler._run_embed([(job, 0)])
+        if self.generator is not None:
+            return
+        t0 = time.perf_counter()
+        self.stepper.prepare_eager()
+        slot = self.stepper.pool.alloc()
+        try:
+            self.stepper.prefill(ids, [slot])
+            for p in range(3):
+                self.stepper.decode([0] * slot + [1], [0] * slot + [len(ids[0]) + p])
+        finally:
+            self.stepper.pool.release(slot)
+        if self.stepper.device.type == "cuda" and self.config.cuda_graphs:
+            n = self.stepper.capture_graphs()
+            self.startup_report.update(cuda_graphs=n)
+        self.startup_report.update(warmup_s=round(time.perf_counter() - t0, 2))
+
+    # ---- tokenization (cheap; the routes run it off the event loop) ----------------------------
     def encode_texts(self, texts: list[str], *, truncate: bool = False, param: str = "input") -> list[list[int]]:
         """Token ids exactly as the analysis made them (``encode_prompts`` with the BOS policy "auto")."""
         for i, t in enumerate(texts):
@@ -185,8 +284,9 @@ class Engine:
                                  param=param)
         for i, x in enumerate(ids):
             if len(x) > limit and not truncate:
-                raise InvalidRequest(f"{param}[{i}] has {len(x)} tokens, more than the limit of {limit} "
-                                     "(send truncate=true to cut it)", param=param)
+                hint = " (send truncate=true to cut it)" if param == "input" else ""
+                raise InvalidRequest(f"{param}[{i}] has {len(x)} tokens, more than the limit of {limit}{hint}",
+                                     param=param)
         return [x[:limit] for x in ids]
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -199,70 +299,104 @@ class Engine:
             ids = self.encode_texts([text], param="messages")[0]
         return self._check_lengths([ids], False, "messages")[0]
 
-    # ---- async API ---------------------------------------------------------------------------
+    # ---- embeddings --------------------------------------------------------------------------
+    def _require_ready(self) -> None:
+        if self.startup_error:
+            raise EngineNotReady(f"the engine failed to start: {self.startup_error}")
+        if not self.is_ready():
+            raise EngineNotReady("the engine is warming up" if not self.scheduler.stopping
+                                 else "the server is shutting down")
+
     async def embed(self, ids: list[list[int]], *, layer: int | None = None, pooling: str | None = None,
                     normalize: bool | None = None) -> EmbeddingResult:
         layer = self.embedding_layer if layer is None else layer
         if not 0 <= layer <= self.max_layer:
             raise InvalidRequest(f"layer {layer} is out of range: this server allows hidden 0..{self.max_layer}",
                                  param="layer")
-        pooling = pooling or self.config.pooling
+        pooling = POOLING_ALIASES.get(pooling or self.config.pooling, pooling or self.config.pooling)
         if pooling not in POOLINGS:
             raise InvalidRequest(f"pooling must be one of {', '.join(POOLINGS)}", param="pooling")
-        payload = _EmbedPayload(ids=ids, layer=layer, pooling=pooling,
-                                normalize=self.config.normalize if normalize is None else normalize)
-        vectors = await self._wait(self._submit("embed", payload))
-        return EmbeddingResult(vectors=vectors, layer=layer, prompt_tokens=sum(len(x) for x in ids))
-
-    def check_generation(self, req: GenerationRequest) -> GenerationRequest:
-        if req.max_tokens < 1 or req.max_tokens > self.config.max_new_tokens:
-            raise InvalidRequest(f"max_tokens must be in 1..{self.config.max_new_tokens}, got {req.max_tokens}",
-                                 param="max_tokens")
-        if not 0 <= req.temperature <= 2:
-            raise InvalidRequest("temperature must be in [0, 2]", param="temperature")
-        if not 0 < req.top_p <= 1:
-            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
-        if len(req.stop) > 4:
-            raise InvalidRequest("at most 4 stop sequences", param="stop")
-        return req
-
-    async def generate(self, req: GenerationRequest) -> GenerationOutput:
-        return await self._wait(self._submit("generate", self.check_generation(req), req.cancelled))
-
-    def submit_generate(self, req: GenerationRequest) -> _Job:
-        """For streaming: queue the request now (so 429 comes before any byte is sent); await ``wait``."""
-        return self._submit("generate", self.check_generation(req), req.cancelled)
-
-    async def wait(self, job: _Job):
-        return await self._wait(job)
-
-    def _submit(self, kind: str, payload, cancelled: threading.Event | None = None) -> _Job:
-        if not self.is_ready():
-            raise EngineNotReady("the engine is warming up")
-        job = _Job(kind=kind, future=Future(), deadline=time.monotonic() + self.config.request_timeout_s,
-                   payload=payload, cancelled=cancelled or threading.Event())
-        with self._cond:
-            if self.is_overloaded():
-                raise Overloaded(f"the queue is full ({self.config.max_queue} jobs waiting); retry later",
-                                 code="queue_full")
-            self._queue.append(job)
-            self.metrics.set("mcr_exit_queue_depth", len(self._queue))
-            self._cond.notify()
-        return job
-
-    async def _wait(self, job: _Job):
-        remaining = max(0.0, job.deadline - time.monotonic())
+        self._require_ready()
+        job = EmbedJob(ids=ids, layer=layer, pooling=pooling,
+                       normalize=self.config.normalize if normalize is None else normalize,
+                       deadline=time.monotonic() + self.config.request_timeout_s)
+        self.scheduler.submit_embed(job)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=remaining)
+            vectors = await asyncio.wait_for(asyncio.wrap_future(job.future), timeout=self.config.request_timeout_s)
         except (asyncio.TimeoutError, TimeoutError) as exc:
             job.cancelled.set()
             raise RequestTimeout(f"the request took longer than {self.config.request_timeout_s:g} s") from exc
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+        return EmbeddingResult(vectors=vectors, layer=layer, prompt_tokens=sum(len(x) for x in ids))
 
-    # ---- worker thread -------------------------------------------------------------------------
-    def _worker(self) -> None:
-        from mcr_exit.serving.worker import run_worker
+    # ---- generation --------------------------------------------------------------------------
+    def check_generation(self, req: GenerationRequest) -> GenerationRequest:
+        if req.max_tokens < 1 or req.max_tokens > self.config.max_new_tokens:
+            raise InvalidRequest(f"max_tokens must be in 1..{self.config.max_new_tokens}, got {req.max_tokens}",
+                                 param="max_tokens")
+        if len(req.prompt_ids) + req.max_tokens > self.context_len:
+            raise InvalidRequest(f"the prompt has {len(req.prompt_ids)} tokens; with max_tokens {req.max_tokens} it "
+                                 f"passes this server's context of {self.context_len} tokens", param="max_tokens")
+        if not 0 <= req.temperature <= 2:
+            raise InvalidRequest("temperature must be in [0, 2]", param="temperature")
+        if not 0 < req.top_p <= 1:
+            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+        if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+            raise InvalidRequest(f"seed must be in 0..{MAX_SEED}", param="seed")
+        if len(req.stop) > 4:
+            raise InvalidRequest("at most 4 stop sequences", param="stop")
+        return req
 
-        run_worker(self)
+    def open_generation(self, req: GenerationRequest, *, stream: bool = False,
+                        events: asyncio.Queue | None = None) -> GenerationHandle:
+        """Queue a request now (so 400 / 429 / 503 come before any byte is sent); read it with ``events``."""
+        self.check_generation(req)
+        self._require_ready()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        handle = GenerationHandle(req, loop, stream=stream, events=events)
+        self.scheduler.submit_generation(handle)
+        return handle
+
+    def submit_generate(self, req: GenerationRequest) -> GenerationHandle:
+        return self.open_generation(req)
+
+    async def events(self, handles: list[GenerationHandle]) -> AsyncIterator[tuple]:
+        """(handle, kind, value) events of handles that share one queue, until every one is done.
+
+        A request times out only when no token arrives for ``stall_timeout_s``; a long stream that keeps
+        making progress runs on. Leaving the iteration early cancels the requests.
+        """
+        queue, stall = handles[0].events, self.config.stall_timeout_s
+        open_ = {id(h) for h in handles}
+        try:
+            while open_:
+                try:
+                    item = await asyncio.wait_for(queue.get(), timeout=stall)
+                except (asyncio.TimeoutError, TimeoutError):
+                    if time.monotonic() - max(h.last_progress for h in handles) >= stall:
+                        raise RequestTimeout(f"no new token for {stall:g} s") from None
+                    continue
+                handle, kind, value = item
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    open_.discard(id(handle))
+                yield item
+        finally:
+            for h in handles:
+                if not h.future.done():
+                    h.cancel()
+
+    async def wait(self, handle: GenerationHandle) -> GenerationOutput:
+        async for _, kind, value in self.events([handle]):
+            if kind == "done":
+                return value
+        raise RuntimeError("generation ended without a result")
+
+    async def generate(self, req: GenerationRequest) -> GenerationOutput:
+        return await self.wait(self.open_generation(req))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
-from mcr_exit.serving.errors import InvalidRequest, ModelNotFound, RequestTimeout, status_and_body
-from mcr_exit.serving.generation import GenerationRequest
+from mcr_exit.serving.errors import InvalidRequest, ModelNotFound, status_and_body
+from mcr_exit.serving.jobs import GenerationRequest
 from mcr_exit.serving.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,7 +38,7 @@ def _split_inputs(value) -> tuple[list[str], list[list[int]]]:
 
 def build_router(engine, served_model_names: tuple[str, ...] = ()):
     from fastapi import APIRouter
-    from fastapi.responses import PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     router = APIRouter()
     names = (engine.model_id, *served_model_names)
@@ -50,12 +49,13 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
                                 param="model", code="model_not_found")
         return name or engine.model_id
 
-    def encode(value, param: str, truncate: bool = False) -> list[list[int]]:
+    async def encode(value, param: str, truncate: bool = False) -> list[list[int]]:
+        """Token ids of an ``input``/``prompt``; the tokenizer runs off the event loop."""
         texts, token_lists = _split_inputs(value)
         if not texts and not token_lists:
             raise InvalidRequest(f"{param} must not be empty", param=param)
         if texts:
-            return engine.encode_texts(texts, truncate=truncate, param=param)
+            return await asyncio.to_thread(engine.encode_texts, texts, truncate=truncate, param=param)
         return engine.encode_token_ids(token_lists, truncate=truncate, param=param)
 
     def sampling(req, prompt_ids: list[int], max_tokens: int | None) -> GenerationRequest:
@@ -68,22 +68,22 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
     @router.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest):
         model = check_model(req.model)
-        hidden = int(engine.loaded.model.config.hidden_size)
-        if req.dimensions is not None and req.dimensions != hidden:
-            raise InvalidRequest(f"dimensions must be {hidden} (no reduction is offered)", param="dimensions")
-        ids = encode(req.input, "input", req.truncate)
+        if req.dimensions is not None and req.dimensions != engine.hidden_size:
+            raise InvalidRequest(f"dimensions must be {engine.hidden_size} (no reduction is offered)",
+                                 param="dimensions")
+        ids = await encode(req.input, "input", req.truncate)
         result = await engine.embed(ids, layer=req.layer, pooling=req.pooling, normalize=req.normalize)
-        return embedding_response(result.vectors, model=model, prompt_tokens=result.prompt_tokens,
-                                  encoding_format=req.encoding_format)
+        return JSONResponse(embedding_response(result.vectors, model=model, prompt_tokens=result.prompt_tokens,
+                                               encoding_format=req.encoding_format))
 
     @router.post("/v1/completions")
     async def completions(req: CompletionRequest):
         model = check_model(req.model)
-        gens = [sampling(req, ids, req.max_tokens) for ids in encode(req.prompt, "prompt")]
+        gens = [sampling(req, ids, req.max_tokens) for ids in await encode(req.prompt, "prompt")]
         if req.stream:
             return stream(gens, model, chat=False, include_usage=req.include_usage())
-        outputs = await asyncio.gather(*(engine.generate(g) for g in gens))
-        return completion_response(outputs, model=model)
+        outputs = await collect(gens)
+        return JSONResponse(completion_response(outputs, model=model))
 
     @router.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
@@ -91,25 +91,41 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
         for i, m in enumerate(req.messages):
             if not m.text().strip() and m.role != "assistant":
                 raise InvalidRequest(f"messages[{i}].content is empty", param=f"messages.{i}.content")
-        ids = engine.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+        ids = await asyncio.to_thread(engine.encode_chat,
+                                      [{"role": m.role, "content": m.text()} for m in req.messages])
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        gen = sampling(req, ids, min(CHAT_DEFAULT_MAX_TOKENS, engine.config.max_new_tokens)
-                       if max_tokens is None else max_tokens)
+        if max_tokens is None:  # the default fits the context that the prompt leaves
+            max_tokens = max(1, min(CHAT_DEFAULT_MAX_TOKENS, engine.config.max_new_tokens,
+                                    engine.context_len - len(ids)))
+        gen = sampling(req, ids, max_tokens)
         if req.stream:
             return stream([gen], model, chat=True, include_usage=req.include_usage())
-        return chat_response(await engine.generate(gen), model=model)
+        return JSONResponse(chat_response((await collect([gen]))[0], model=model))
+
+    def open_all(gens: list[GenerationRequest], stream_text: bool) -> list:
+        """Queue every prompt of a request, or none: a refusal cancels what was queued."""
+        events: asyncio.Queue = asyncio.Queue()
+        handles = []
+        try:
+            for g in gens:
+                handles.append(engine.open_generation(g, stream=stream_text, events=events))
+        except Exception:
+            for h in handles:
+                h.cancel()
+            raise
+        return handles
+
+    async def collect(gens: list[GenerationRequest]) -> list:
+        handles = open_all(gens, stream_text=False)
+        outputs = {}
+        async for handle, kind, value in engine.events(handles):
+            if kind == "done":
+                outputs[id(handle)] = value
+        return [outputs[id(h)] for h in handles]
 
     def stream(gens: list[GenerationRequest], model: str, *, chat: bool, include_usage: bool):
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue = asyncio.Queue()
-        for i, g in enumerate(gens):
-            g.on_text = lambda text, i=i: loop.call_soon_threadsafe(pieces.put_nowait, (i, text))
-        try:
-            jobs = [engine.submit_generate(g) for g in gens]  # 429 / 400 now, before the first byte
-        except Exception:
-            for g in gens:
-                g.cancelled.set()
-            raise
+        handles = open_all(gens, stream_text=True)  # 400 / 429 now, before the first byte
+        index = {id(h): i for i, h in enumerate(handles)}
         rid = new_id("chatcmpl" if chat else "cmpl")
 
         def chunk(i: int, text: str | None, finish: str | None, role: bool = False) -> str:
@@ -120,45 +136,28 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
                 body = completion_chunk(rid, model, i, text or "", finish)
             return f"data: {json.dumps(body)}\n\n"
 
-        async def events():
-            outputs: dict[int, object] = {}
-            waiters = {asyncio.ensure_future(engine.wait(j)): i for i, j in enumerate(jobs)}
+        async def sse():
+            outputs = []
             try:
                 if chat:
                     yield chunk(0, None, None, role=True)
-                deadline = time.monotonic() + engine.config.request_timeout_s
-                while len(outputs) < len(jobs):
-                    get = asyncio.ensure_future(pieces.get())
-                    done, _ = await asyncio.wait({get, *waiters}, timeout=max(0.0, deadline - time.monotonic()),
-                                                 return_when=asyncio.FIRST_COMPLETED)
-                    if not done:
-                        get.cancel()
-                        raise RequestTimeout("the stream took longer than the request timeout")
-                    if get in done:
-                        i, text = get.result()
-                        yield chunk(i, text, None)
-                    else:
-                        get.cancel()
-                    for w in [w for w in done if w in waiters]:
-                        i = waiters.pop(w)
-                        outputs[i] = w.result()
-                        while not pieces.empty():  # text that arrived before the finish
-                            j, text = pieces.get_nowait()
-                            yield chunk(j, text, None)
-                        yield chunk(i, None, outputs[i].finish_reason)
+                async for handle, kind, value in engine.events(handles):
+                    if kind == "text":
+                        yield chunk(index[id(handle)], value, None)
+                    elif kind == "done":
+                        outputs.append(value)
+                        yield chunk(index[id(handle)], None, value.finish_reason)
                 if include_usage:
                     obj = "chat.completion.chunk" if chat else "text_completion"
-                    yield f"data: {json.dumps(usage_chunk(rid, model, list(outputs.values()), obj))}\n\n"
+                    yield f"data: {json.dumps(usage_chunk(rid, model, outputs, obj))}\n\n"
             except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
                 yield f"data: {json.dumps(status_and_body(exc)[1])}\n\n"
             finally:
-                for g in gens:
-                    g.cancelled.set()  # a disconnected client stops its rows in the running batch
-                for w in waiters:
-                    w.cancel()
+                for h in handles:
+                    h.cancel()  # a disconnected client frees its KV slot at the next step
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.get("/v1/models")
@@ -170,7 +169,13 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
             "profile": {"source": p.source, "sha256": p.sha256, "mlflow_run_id": p.doc.get("mlflow_run_id")}
             if p else None,
             "pooling": engine.config.pooling, "normalize": engine.config.normalize,
-            "generation_engine": "vllm" if engine.generator is not None else "transformers",
+            "generation_engine": "vllm" if engine.generator is not None else "mcr-exit",
+            "limits": {"context_tokens": engine.context_len, "max_input_tokens": engine.config.max_input_tokens,
+                       "max_new_tokens": engine.config.max_new_tokens,
+                       "embedding_timeout_s": engine.config.request_timeout_s,
+                       "generation_stall_timeout_s": engine.config.stall_timeout_s,
+                       "kv_slot_wait_s": engine.config.queue_timeout_s},
+            "kv_cache": {k: v for k, v in engine.startup_report.items() if k.startswith("kv_")},
         }
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "mcr-exit",
                                             "mcr_exit": info} for name in names]}

@@ -27,7 +27,8 @@ class EmbeddingRequest(_Request):
     user: StrictStr | None = None
     # mcr-exit extensions
     layer: StrictInt | None = Field(None, description="hidden index to embed from; default: the profile's k")
-    pooling: Literal["mean", "last"] | None = None
+    pooling: Literal["mean_no_first", "mean", "last", "mean_no_bos"] | None = Field(
+        None, description="mean_no_first (default): real tokens but position 0; mean: every real token; last")
     normalize: StrictBool | None = None
     truncate: StrictBool = False
 

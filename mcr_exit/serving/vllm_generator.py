@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 
 from mcr_exit.errors import MissingExtraError
-from mcr_exit.serving.generation import GenerationOutput, GenerationRequest
+from mcr_exit.serving.jobs import GenerationOutput, GenerationRequest
 
 
 def require_vllm() -> None:

@@ -1,0 +1,87 @@
+"""What the engine's callers hand it and get back: requests, results and the handles between them.
+
+Nothing here imports torch or the scheduler; the engine (public API), the scheduler (the step loop)
+and the routes all share these types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True)
+class GenerationRequest:
+    """One completion: prompt token ids and sampling parameters (temperature 0 = greedy)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    on_text: Callable[[str], None] | None = None  # called on the engine thread with each new piece of text
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationOutput:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "abort" (cancelled)
+
+
+class GenerationHandle:
+    """A generation request inside the engine.
+
+    The engine thread reports through ``events`` (an asyncio queue on the caller's loop, filled once per
+    engine step, possibly shared by the handles of one request): ``(handle, "text", str)`` pieces when
+    streaming, then ``(handle, "done", GenerationOutput)`` or ``(handle, "error", exception)``.
+    ``future`` (thread-safe) holds the final result too.
+    """
+
+    def __init__(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None, *, stream: bool,
+                 events: asyncio.Queue | None = None):
+        self.req = req
+        self.loop = loop
+        self.stream = stream
+        self.events = events if events is not None else (asyncio.Queue() if loop is not None else None)
+        self.future: Future = Future()
+        self.submitted = time.monotonic()
+        self.last_progress = self.submitted  # the engine thread moves it on with every token
+
+    @property
+    def cancelled(self) -> threading.Event:
+        return self.req.cancelled
+
+    def cancel(self) -> None:
+        self.req.cancelled.set()
+
+
+@dataclass(eq=False, kw_only=True)
+class EmbedJob:
+    """One embedding request: its inputs are run in pieces, possibly across several forward batches."""
+
+    ids: list[list[int]]
+    layer: int
+    pooling: str
+    normalize: bool
+    deadline: float
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    vectors: list = field(default_factory=list)  # filled by the engine thread, one row per input
+    remaining: int = 0
+
+    def __post_init__(self):
+        self.vectors = [None] * len(self.ids)
+        self.remaining = len(self.ids)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(x) for x in self.ids)

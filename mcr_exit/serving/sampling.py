@@ -1,0 +1,51 @@
+"""Next-token choice on the device for a batch of rows with their own temperature, top-p and seed.
+
+Greedy rows take the argmax. Sampled rows draw by the exponential-race form of the categorical
+distribution: argmax(p / E) with E ~ Exp(1) i.i.d. picks index i with probability p_i, so one argmax
+serves every row and a seeded row only needs its own noise generator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Below this temperature a row is greedy: dividing logits by a denormal would give inf / NaN.
+MIN_TEMPERATURE = 1e-4
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < MIN_TEMPERATURE
+
+
+def sample_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[float],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids, on the logits' device."""
+    greedy = logits.argmax(-1)
+    sampled_rows = [b for b, t in enumerate(temperatures) if not is_greedy(t)]
+    if not sampled_rows:
+        return greedy
+    idx = torch.tensor(sampled_rows, device=logits.device)
+    temps = torch.tensor([temperatures[b] for b in sampled_rows], device=logits.device, dtype=torch.float32)
+    probs = torch.softmax(logits[idx].float() / temps[:, None], dim=-1)
+    top_p = torch.tensor([top_ps[b] for b in sampled_rows], device=logits.device, dtype=torch.float32)
+    if bool((top_p < 1).any()):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    noise = torch.empty_like(probs)
+    for r, b in enumerate(sampled_rows):
+        noise[r].exponential_(generator=generators[b])
+    choice = (probs / noise).argmax(-1)
+    out = greedy.clone()
+    out[idx] = choice
+    return out
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

@@ -1,0 +1,304 @@
+"""The step scheduler: one thread owns the model, both queues and the KV pool.
+
+Each step of the loop
+  1. runs one batch of embedding inputs (early exit at their layer k; at most a token budget),
+  2. admits waiting generation requests into free KV slots and prefills them (one batch, a token budget),
+  3. runs one decode step for every running sequence (a CUDA graph replay on GPUs),
+then hands the step's new text to the callers' event loops in one call per loop. So an embedding
+waits for at most one decode step and one prefill, never for a whole generation, and a long
+embedding request is cut into batches between which decode steps continue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+
+from mcr_exit.metrics.pooling import pool_hidden
+from mcr_exit.models.forward import hidden_at
+from mcr_exit.models.tokens import collate
+from mcr_exit.serving.detokenize import TextTracker
+from mcr_exit.serving.errors import EngineNotReady, Overloaded, RequestTimeout
+from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput
+from mcr_exit.serving.sampling import make_generator, sample_tokens
+
+log = logging.getLogger("mcr_exit.serving")
+
+
+class _Row:
+    """A running sequence: its slot, its text, and the token to feed at the next decode step."""
+
+    def __init__(self, handle: GenerationHandle, slot: int, tracker: TextTracker, generator):
+        self.handle, self.slot, self.tracker, self.generator = handle, slot, tracker, generator
+        self.next_token = 0
+        self.next_pos = len(handle.req.prompt_ids)
+
+
+def _deliver(items: list) -> None:
+    for handle, event in items:
+        handle.events.put_nowait((handle, *event))
+
+
+class Scheduler:
+    def __init__(self, *, stepper, tokenizer, config, metrics, eos_ids: set[int], pad_id: int, generator=None):
+        self.stepper, self.tok, self.config, self.metrics = stepper, tokenizer, config, metrics
+        self.eos_ids, self.pad_id, self.generator = eos_ids, pad_id, generator
+        self.cond = threading.Condition()
+        self.waiting: deque[GenerationHandle] = deque()
+        self.pieces: deque[tuple[EmbedJob, int]] = deque()  # embedding inputs not yet run
+        self.queued_tokens = 0  # tokens in self.pieces
+        self.rows: dict[int, _Row] = {}  # slot -> running sequence
+        self.stopping = False
+        self._events: list = []
+
+    # ---- submission (any thread) ------------------------------------------------------------
+    def submit_generation(self, handle: GenerationHandle) -> None:
+        with self.cond:
+            if self.stopping:
+                raise EngineNotReady("the server is shutting down")
+            if len(self.waiting) >= self.config.max_queue:
+                raise Overloaded(f"{len(self.waiting)} generation requests are already waiting for the KV cache; "
+                                 "retry later", code="queue_full")
+            self.waiting.append(handle)
+            self.metrics.set("mcr_exit_queue_depth", len(self.waiting), kind="generation")
+            self.cond.notify()
+
+    def submit_embed(self, job: EmbedJob) -> None:
+        with self.cond:
+            if self.stopping:
+                raise EngineNotReady("the server is shutting down")
+            if self.queued_tokens + job.n_tokens > self.config.max_queue_tokens:
+                raise Overloaded(f"the embedding queue holds {self.queued_tokens} tokens; this request's "
+                                 f"{job.n_tokens} would pass the limit of {self.config.max_queue_tokens}; "
+                                 "retry later", code="queue_full")
+            self.pieces.extend((job, i) for i in range(len(job.ids)))
+            self.queued_tokens += job.n_tokens
+            self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
+            self.cond.notify()
+
+    def stop(self) -> None:
+        """Fail everything waiting or running (callers see EngineNotReady) and end the loop."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+
+    # ---- the loop (engine thread) -------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.waiting or self.pieces or self.rows or self.stopping):
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                embed_batch = self._take_embed_batch()
+                admitted = self._admit()
+            try:
+                with torch.inference_mode():
+                    if embed_batch:
+                        self._run_embed(embed_batch)
+                    if admitted:
+                        self._run_generator(admitted) if self.generator is not None else self._prefill(admitted)
+                    if self.rows:
+                        self._decode()
+            except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
+                log.exception("engine step failed")
+                self._fail_step(embed_batch, admitted, exc)
+            self._flush()
+        self._shutdown()
+
+    # ---- embeddings ---------------------------------------------------------------------------
+    def _take_embed_batch(self) -> list[tuple[EmbedJob, int]]:
+        """Inputs of one layer, in arrival order, within the batch's token and row budgets."""
+        batch, kept, longest, layer, now = [], deque(), 0, None, time.monotonic()
+        while self.pieces:
+            job, i = self.pieces.popleft()
+            if job.cancelled.is_set() or job.future.done() or now > job.deadline:
+                self.queued_tokens -= len(job.ids[i])
+                if not job.future.done():
+                    job.future.set_exception(RequestTimeout("the embedding request timed out in the queue"))
+                continue
+            n = len(job.ids[i])
+            fits = (layer in (None, job.layer) and len(batch) < self.config.max_batch_size
+                    and max(longest, n) * (len(batch) + 1) <= self.config.max_batch_tokens)
+            if fits or not batch and layer is None:
+                batch.append((job, i))
+                layer, longest = job.layer, max(longest, n)
+                self.queued_tokens -= n
+            else:
+                kept.append((job, i))
+                if len(batch) >= self.config.max_batch_size:
+                    break
+        kept.extend(self.pieces)
+        self.pieces = kept
+        self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
+        return batch
+
+    def _run_embed(self, batch: list[tuple[EmbedJob, int]]) -> None:
+        layer = batch[0][0].layer
+        ids, mask = collate([job.ids[i] for job, i in batch], self.pad_id, self.stepper.device)
+        hidden = hidden_at(self.stepper.adapter, ids, mask, layer)  # blocks layer+1.. never run
+        pooled: dict[tuple, np.ndarray] = {}
+        for key in {(job.pooling, job.normalize) for job, _ in batch}:
+            pooled[key] = pool_hidden(hidden, mask, key[0], normalize=key[1]).cpu().numpy()
+        for b, (job, i) in enumerate(batch):
+            job.vectors[i] = pooled[(job.pooling, job.normalize)][b]
+            job.remaining -= 1
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(np.stack(job.vectors))
+        self.metrics.inc("mcr_exit_blocks_executed_total", layer, kind="embedding")
+        self.metrics.inc("mcr_exit_batches_total", kind="embedding")
+        self.metrics.inc("mcr_exit_tokens_total", int(mask.sum()), kind="embedding_input")
+
+    # ---- generation -------------------------------------------------------------------------
+    def _admit(self) -> list[GenerationHandle]:
+        """Waiting requests that get a KV slot now (within the prefill token budget); expire the rest."""
+        admitted, tokens, now = [], 0, time.monotonic()
+        pool = self.stepper.pool
+        for handle in list(self.waiting):
+            if handle.cancelled.is_set():
+                self.waiting.remove(handle)
+                continue
+            if now - handle.submitted > self.config.queue_timeout_s:
+                self.waiting.remove(handle)
+                self._error(handle, Overloaded(f"no KV cache slot came free within {self.config.queue_timeout_s:g} s "
+                                               "(the cache is full); retry later", code="kv_cache_full"))
+                continue
+        while self.waiting:
+            n = len(self.waiting[0].req.prompt_ids)
+            if admitted and tokens + n > self.config.max_batch_tokens:
+                break
+            if self.generator is None and (pool is None or pool.n_free - len(admitted) <= 0):
+                break
+            admitted.append(self.waiting.popleft())
+            tokens += n
+        self.metrics.set("mcr_exit_queue_depth", len(self.waiting), kind="generation")
+        return admitted
+
+    def _prefill(self, handles: list[GenerationHandle]) -> None:
+        pool = self.stepper.pool
+        slots = [pool.alloc() for _ in handles]
+        rows = []
+        for handle, slot in zip(handles, slots):
+            req = handle.req
+            tracker = TextTracker(self.tok, eos_ids=self.eos_ids, max_tokens=req.max_tokens, stop=req.stop)
+            rows.append(_Row(handle, slot, tracker, make_generator(req.seed, self.stepper.device)))
+            self.rows[slot] = rows[-1]
+        logits = self.stepper.prefill([h.req.prompt_ids for h in handles], slots)
+        self._advance(rows, logits)
+        self.metrics.inc("mcr_exit_batches_total", kind="prefill")
+        self.metrics.inc("mcr_exit_blocks_executed_total", self.stepper.adapter.n_layers, kind="generation")
+        self.metrics.inc("mcr_exit_tokens_total", sum(len(h.req.prompt_ids) for h in handles), kind="prompt")
+
+    def _decode(self) -> None:
+        B = max(self.rows) + 1
+        tokens, positions = [0] * B, [0] * B
+        for slot, row in self.rows.items():
+            tokens[slot], positions[slot] = row.next_token, row.next_pos
+        logits = self.stepper.decode(tokens, positions)
+        order = sorted(self.rows)
+        rows = [self.rows[s] for s in order]
+        if len(order) < B:
+            logits = logits[torch.tensor(order, device=logits.device)]
+        for row in rows:
+            row.next_pos += 1
+        self._advance(rows, logits)
+        self.metrics.inc("mcr_exit_batches_total", kind="decode")
+        self.metrics.inc("mcr_exit_blocks_executed_total", self.stepper.adapter.n_layers, kind="generation")
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample each row's next token (one device-to-host copy), stream its text, retire finished rows."""
+        reqs = [r.handle.req for r in rows]
+        chosen = sample_tokens(logits, [q.temperature for q in reqs], [q.top_p for q in reqs],
+                               [r.generator for r in rows]).tolist()
+        now = time.monotonic()
+        for row, token in zip(rows, chosen):
+            handle = row.handle
+            handle.last_progress = now
+            if handle.cancelled.is_set():
+                row.tracker.abort()
+            else:
+                row.tracker.add(int(token))
+                row.next_token = int(token)
+            piece = row.tracker.pending_text()
+            if piece:
+                if handle.req.on_text is not None:
+                    handle.req.on_text(piece)
+                if handle.stream and handle.events is not None:
+                    self._events.append((handle, ("text", piece)))
+            if row.tracker.done:
+                self._finish(row)
+        self.metrics.inc("mcr_exit_tokens_total", sum(1 for r in rows if r.tracker.ids), kind="completion")
+
+    def _finish(self, row: _Row) -> None:
+        del self.rows[row.slot]
+        self.stepper.pool.release(row.slot)
+        t, req = row.tracker, row.handle.req
+        out = GenerationOutput(text=t.text, token_ids=list(t.ids), prompt_tokens=len(req.prompt_ids),
+                               completion_tokens=len(t.ids), finish_reason=t.finish_reason)
+        if not row.handle.future.done():
+            row.handle.future.set_result(out)
+        if row.handle.events is not None:
+            self._events.append((row.handle, ("done", out)))
+
+    def _run_generator(self, handles: list[GenerationHandle]) -> None:
+        """An external generation backend (vLLM): whole requests at once, text in one piece."""
+        outputs = self.generator.generate([h.req for h in handles])
+        for handle, out in zip(handles, outputs):
+            if handle.stream and out.text and handle.events is not None:
+                self._events.append((handle, ("text", out.text)))
+            handle.future.set_result(out)
+            if handle.events is not None:
+                self._events.append((handle, ("done", out)))
+
+    # ---- delivery and failure ----------------------------------------------------------------
+    def _error(self, handle: GenerationHandle, exc: BaseException) -> None:
+        if not handle.future.done():
+            handle.future.set_exception(exc)
+        if handle.events is not None:
+            self._events.append((handle, ("error", exc)))
+
+    def _flush(self) -> None:
+        if not self._events:
+            return
+        by_loop = defaultdict(list)
+        for handle, event in self._events:
+            by_loop[handle.loop].append((handle, event))
+        self._events = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop has closed: nobody is listening
+                pass
+
+    def _fail_step(self, embed_batch, admitted, exc: BaseException) -> None:
+        """A step raised: its embedding batch, its new requests and every running sequence get the error."""
+        for job, _ in embed_batch:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        running = [row.handle for row in self.rows.values()]
+        for row in list(self.rows.values()):
+            del self.rows[row.slot]
+            self.stepper.pool.release(row.slot)
+        for handle in {id(h): h for h in (*admitted, *running)}.values():
+            self._error(handle, exc)
+
+    def _shutdown(self) -> None:
+        exc = EngineNotReady("the server is shutting down")
+        with self.cond:
+            waiting, self.waiting = list(self.waiting), deque()
+            pieces, self.pieces = list(self.pieces), deque()
+        for handle in waiting:
+            self._error(handle, exc)
+        for row in list(self.rows.values()):
+            del self.rows[row.slot]
+            self.stepper.pool.release(row.slot)
+            self._error(row.handle, exc)
+        for job, _ in pieces:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        self._flush()
