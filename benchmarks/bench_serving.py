@@ -1,209 +1,324 @@
-"""Serving benchmark (engine level, no HTTP): embedding throughput at layer k vs full depth, generation tokens/s.
+"""Serving benchmark: the real HTTP server, driven by the official async OpenAI client, next to offline anchors.
 
-Runs the same Engine the server uses (worker thread, token-budget batching, the one early-exit path),
-fed by concurrent asyncio clients, so it needs neither fastapi/uvicorn nor mlflow.
+In one run, for one model:
+  1. offline anchors in this process: the truncated forward to hidden k (the embeddings' floor), transformers
+     ``generate`` at batch 1, 16 and 64, the decode-step memory floor (weight bytes / measured copy bandwidth),
+     and greedy tokens of ``generate`` for the correctness check;
+  2. the server (``benchmarks/serving_models.py serve``: ``create_app`` + ``run_server``, as ``mcr-exit serve``)
+     in a child process, driven over loopback HTTP by ``openai.AsyncOpenAI`` (base64 embeddings, its default):
+     embedding throughput with 64 clients, streamed generation with 1 / 16 / 64 clients, single-embedding
+     latency idle and under 64 streams, generation throughput under half the embedding capacity, the share of
+     greedy tokens equal to ``generate``'s, and the time from SIGINT to exit with streams open.
 
-    python benchmarks/bench_serving.py                              # built-in SmolLM2 on CPU
-    python benchmarks/bench_serving.py --device cuda --config llama-3-8b   # random bf16 weights, 8B shapes
-
-Prints a markdown table (and writes it with --output).
+    python benchmarks/bench_serving.py --config llama-3-8b --device cuda --output benchmarks/results/serving_gpu_h200.md
+    python benchmarks/bench_serving.py --device cpu --output benchmarks/results/serving_cpu.md   # built-in SmolLM2
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
-import statistics
+import signal
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mcr_exit.models import from_objects, load_model  # noqa: E402
-from mcr_exit.serving import Engine, EngineConfig  # noqa: E402
-from mcr_exit.serving.generation import GenerationRequest  # noqa: E402
-
-# Shapes of public checkpoints (random weights: the GPU box has no model files).
-CONFIGS = {
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152),
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=8192, vocab_size=128256),
-    "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       intermediate_size=14336, vocab_size=128256),
-}
+from serving_models import DEFAULT_LAYER, load  # noqa: E402
+from serving_workloads import (  # noqa: E402
+    embed_latency,
+    embed_throughput,
+    greedy_token_ids,
+    mixed_embed_latency,
+    stream_throughput,
+    streams_under_embedding_load,
+)
 
 
-class IdTokenizer:
-    """Stands in for a tokenizer on a random-weight model: inputs are token ids, no BOS, no EOS."""
-
-    bos_token = bos_token_id = eos_token_id = unk_token_id = chat_template = None
-    pad_token_id = 0
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def __call__(self, text, add_special_tokens=True):
-        return type("Enc", (), {"input_ids": [hash(w) % self.vocab_size for w in text.split()]})()
-
-    def __len__(self):
-        return self.vocab_size
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-    def convert_ids_to_tokens(self, i):
-        return str(i)
-
-
-def build_random(name: str, device: str, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(**CONFIGS[name], max_position_embeddings=8192, eos_token_id=None, bos_token_id=None,
-                      pad_token_id=0, attn_implementation="sdpa")
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    model.generation_config.eos_token_id = None
-    return from_objects(model, IdTokenizer(cfg.vocab_size), name=f"random-{name}")
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-async def embed_throughput(engine, inputs, layer, per_request: int, device: str) -> float:
-    """Sequences per second: all inputs sent at once as concurrent requests of ``per_request`` inputs."""
-    chunks = [inputs[i: i + per_request] for i in range(0, len(inputs), per_request)]
+def _timed(fn, device, repeats: int = 3) -> float:
+    fn()
     _sync(device)
-    t0 = time.perf_counter()
-    await asyncio.gather(*(engine.embed(c, layer=layer) for c in chunks))
-    _sync(device)
-    return len(inputs) / (time.perf_counter() - t0)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
-async def gen_throughput(engine, prompts, max_tokens: int, device: str) -> tuple[float, int]:
-    """Completion tokens per second for len(prompts) concurrent greedy requests."""
-    _sync(device)
-    t0 = time.perf_counter()
-    outs = await asyncio.gather(*(engine.generate(GenerationRequest(prompt_ids=p, max_tokens=max_tokens,
-                                                                     temperature=0.0)) for p in prompts))
-    _sync(device)
-    n = sum(o.completion_tokens for o in outs)
-    return n / (time.perf_counter() - t0), n
+def offline_anchors(args, loaded, k: int, inputs: list[list[int]], prompts: list[list[int]]) -> dict:
+    from mcr_exit.models.forward import hidden_at
+    from mcr_exit.models.tokens import collate
+
+    dev, out = loaded.input_device, {}
+    with torch.inference_mode():
+        B = min(64, len(inputs))
+        ids, mask = collate(inputs[:B], 0, dev)
+        out["truncated_seq_s"] = B / _timed(lambda: hidden_at(loaded.adapter, ids, mask, k), dev)
+        vocab = int(loaded.model.get_input_embeddings().num_embeddings)
+        long_ids = torch.randint(3, vocab, (B, 256), device=dev)
+        out["truncated_seq_s_256"] = B / _timed(
+            lambda: hidden_at(loaded.adapter, long_ids, torch.ones_like(long_ids), k), dev)
+        gen = {}
+        for batch in args.generate_batches:
+            x = torch.tensor(prompts[:batch], device=dev)
+            kw = dict(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.max_tokens,
+                      min_new_tokens=args.max_tokens, do_sample=False, pad_token_id=0)
+            seconds = _timed(lambda: loaded.model.generate(**kw), dev, repeats=1)
+            gen[batch] = batch * args.max_tokens / seconds
+        out["generate_tok_s"] = gen
+        x = torch.tensor(prompts[: args.check_prompts], device=dev)
+        ref = loaded.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.check_tokens,
+                                    min_new_tokens=args.check_tokens, do_sample=False, pad_token_id=0)
+        out["reference_ids"] = ref[:, x.shape[1]:].tolist()
+        weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        out["weight_bytes"] = weight_bytes
+        if torch.device(dev).type == "cuda":
+            buf = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+            dst = torch.empty_like(buf)
+            seconds = _timed(lambda: dst.copy_(buf), dev, repeats=5)
+            out["bandwidth"] = 2 * buf.numel() / seconds  # bytes read + written
+            out["floor_ms"] = 1e3 * weight_bytes / out["bandwidth"]
+            del buf, dst
+    return out
 
 
-async def run(args) -> str:
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[args.dtype] \
-        if args.dtype != "auto" else (torch.float32 if args.device == "cpu" else torch.bfloat16)
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    t_load = time.perf_counter()
-    if args.config:
-        loaded = build_random(args.config, args.device, dtype)
-    else:
-        loaded = load_model(args.model, dtype=str(dtype).removeprefix("torch."), device=args.device)
-    t_load = time.perf_counter() - t_load
-    L = loaded.n_layers
-    if args.layer is not None:
-        k = args.layer
-    elif args.profile:
-        from mcr_exit.analysis.profile import read_profile
+async def engine_in_process(args, loaded, k: int, inputs, prompts) -> dict:
+    """The same engine without HTTP: what the server adds on top of the engine is the difference."""
+    from mcr_exit.serving import Engine, EngineConfig
+    from mcr_exit.serving.jobs import GenerationRequest
 
-        k = int(read_profile(args.profile)["embedding_layer"])
-    else:
-        k = max(1, round(2 * L / 3))  # SmolLM2's profile gives hidden 20 of 30 (compress-phase midpoint)
-    engine = Engine(loaded, None, EngineConfig(max_batch_tokens=args.batch_tokens, max_batch_size=256,
-                                               max_gen_batch=args.gen_batch, max_queue=100_000,
-                                               max_input_tokens=args.seq_len + 1, max_new_tokens=args.max_tokens,
-                                               request_timeout_s=3600), embedding_layer=k)
+    cfg = EngineConfig(max_input_tokens=args.max_input_tokens, max_new_tokens=args.max_new_tokens,
+                       max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
+                       kv_cache_tokens=64 * (args.max_input_tokens + args.max_new_tokens), max_queue=4096,
+                       request_timeout_s=600)
+    engine = Engine(loaded, None, cfg, embedding_layer=k)
     await engine.astart()
-    g = torch.Generator().manual_seed(0)
-    vocab = engine.vocab_size
-    inputs = [torch.randint(3, vocab, (args.seq_len,), generator=g).tolist() for _ in range(args.n_inputs)]
-    inputs = engine.encode_token_ids(inputs)
-    runs: dict[int, list[float]] = {k: [], L: []}
-    for layer in (k, L):
-        await embed_throughput(engine, inputs[: args.per_request * 2], layer, args.per_request, args.device)
-    for _ in range(args.repeats):  # interleaved, so drifting load on a shared machine hits both alike
-        for layer in (k, L):
-            runs[layer].append(await embed_throughput(engine, inputs, layer, args.per_request, args.device))
-    rows = [(layer, statistics.median(runs[layer])) for layer in (k, L)]
-    prompts = [torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.gen_batch)]
-    await gen_throughput(engine, prompts, 2, args.device)
-    singles, batches = [], []
-    for _ in range(args.repeats):  # interleaved like the embeddings
-        singles.append((await gen_throughput(engine, prompts[:1], args.max_tokens, args.device))[0])
-        batches.append(await gen_throughput(engine, prompts, args.max_tokens, args.device))
-    single = statistics.median(singles)
-    batched, n_tok = statistics.median(b[0] for b in batches), batches[0][1]
-    await engine.astop()
+    out = {}
+    try:
+        for n in args.stream_counts:
+            reqs = [GenerationRequest(prompt_ids=p, max_tokens=args.max_tokens, temperature=0) for p in prompts[:n]]
+            await engine.generate(GenerationRequest(prompt_ids=prompts[0], max_tokens=4, temperature=0))
+            t0 = time.perf_counter()
+            outs = await asyncio.gather(*(engine.generate(r) for r in reqs))
+            out[f"gen_{n}"] = sum(o.completion_tokens for o in outs) / (time.perf_counter() - t0)
+        chunks = [inputs[i:i + 8] for i in range(0, len(inputs), 8)]
+        await engine.embed(chunks[0], layer=k)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(engine.embed(c, layer=k) for c in chunks))
+        out["embed_seq_s"] = len(inputs) / (time.perf_counter() - t0)
+    finally:
+        await engine.astop()
+    return out
 
-    dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (platform.processor() or
-                                                                                  platform.machine())
-    model_name = loaded.spec.name
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, k: int, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, str(Path(__file__).with_name("serving_models.py")), "serve", "--port", str(port),
+           "--layer", str(k), "--device", args.device, "--dtype", args.dtype,
+           "--max-input-tokens", str(args.max_input_tokens), "--max-new-tokens", str(args.max_new_tokens)]
+    cmd += ["--config", args.config] if args.config else (["--model", args.model] if args.model else [])
+    if args.kv_cache_memory:
+        cmd += ["--kv-cache-memory", str(args.kv_cache_memory)]
+    cmd += ["--max-batch-tokens", str(args.max_batch_tokens), "--max-batch-size", str(args.max_batch_size)]
+    return subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+async def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> dict:
+    import httpx
+
+    t0 = time.monotonic()
+    async with httpx.AsyncClient() as c:
+        while time.monotonic() - t0 < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {proc.returncode}")
+            try:
+                if (await c.get(url + "/health/ready")).status_code == 200:
+                    return (await c.get(url + "/v1/models")).json()["data"][0]["mcr_exit"]
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+    raise RuntimeError("the server did not get ready")
+
+
+async def drive(args, url: str, inputs, prompts, proc) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+    res = {}
+    await embed_throughput(client, inputs[:64], clients=8, per_request=8, rounds=1)  # warm the path
+    res["embed"] = await embed_throughput(client, inputs, clients=64, per_request=8, rounds=args.embed_rounds)
+    res["embed_idle"] = await embed_latency(client, inputs, n=args.latency_n)
+    res["gen"] = {}
+    for n in args.stream_counts:
+        c0, s0 = time.process_time(), _cpu_seconds(proc.pid)
+        res["gen"][n] = await stream_throughput(client, prompts[:n], args.max_tokens)
+        wall = res["gen"][n]["wall_s"]
+        res["gen"][n]["client_cpu"] = (time.process_time() - c0) / wall
+        res["gen"][n]["server_cpu"] = (_cpu_seconds(proc.pid) - s0) / wall
+    most = max(args.stream_counts)
+    res["mixed_latency"] = await mixed_embed_latency(client, inputs, prompts[:most], args.latency_n,
+                                                     max_tokens=args.max_new_tokens)
+    res["gen_under_embed"] = await streams_under_embedding_load(client, prompts[:most], args.max_tokens, inputs,
+                                                                rate=0.5 * res["embed"]["seq_s"])
+    res["greedy"] = await greedy_token_ids(client, prompts[: args.check_prompts], args.check_tokens)
+    # shutdown with streams open: SIGINT, then the time until the process has exited
+    streams = asyncio.ensure_future(stream_throughput(client, prompts[:most], args.max_new_tokens, tolerate=True))
+    await asyncio.sleep(1.0)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    while proc.poll() is None and time.monotonic() - t0 < 30:
+        await asyncio.sleep(0.02)
+    res["shutdown_s"] = time.monotonic() - t0
+    await asyncio.wait_for(streams, 30)
+    return res
+
+
+def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_tokens: float) -> str:
+    from serving_workloads import identical_share
+
+    dev = torch.cuda.get_device_name(0) if torch.device(args.device).type == "cuda" else \
+        (platform.processor() or platform.machine())
+    share, prefix = identical_share(res["greedy"], anchors["reference_ids"])
+    emb, idle, mixed = res["embed"], res["embed_idle"], res["mixed_latency"]
+    g = res["gen"]
+    eng = anchors["engine"]
+    floor = anchors.get("floor_ms")
     lines = [
-        f"# Serving benchmark: {model_name} on {args.device} ({dev}), {str(dtype).removeprefix('torch.')}",
+        f"# Serving: {loaded.spec.name} on {args.device} ({dev}), {loaded.spec.dtype}",
         "",
         f"- command: `python benchmarks/bench_serving.py {' '.join(sys.argv[1:])}`",
-        f"- torch {torch.__version__}, {torch.get_num_threads()} CPU threads, Python {platform.python_version()}; "
-        f"model build/load {t_load:.1f} s; {L} blocks; 1-min load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'):.1f} after (shared machines are noisy)",
-        f"- embeddings: {args.n_inputs} inputs of {args.seq_len} random token ids (+BOS if the tokenizer has one), "
-        f"{args.per_request} inputs per request, all requests concurrent; token budget {args.batch_tokens} per "
-        f"forward; median of {args.repeats}",
-        f"- generation: prompts of {args.prompt_len} tokens, up to {args.max_tokens} new tokens, greedy, "
-        f"transformers generate, the batch's requests sent concurrently; median of {args.repeats}",
+        f"- torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs; "
+        f"{loaded.n_layers} blocks, embeddings from hidden {k}; weights {anchors['weight_bytes'] / 1e9:.2f} GB",
+        f"- server: `benchmarks/serving_models.py serve` (create_app + run_server, as `mcr-exit serve`), a child "
+        f"process; KV cache {info['kv_cache']}; driven over loopback by openai.AsyncOpenAI (embeddings base64)",
+        f"- embeddings: {emb['sequences']} inputs of ~{n_inputs_tokens:.0f} tokens, "
+        f"64 clients x 8 inputs per request; generation: prompts of {args.prompt_len} tokens, "
+        f"{args.max_tokens} new tokens, greedy, streamed",
         "",
-        "| workload | hidden index | blocks run | sequences/s | tokens/s | speed-up vs full depth |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | mcr-exit server (HTTP) | engine in-process (no HTTP) | offline anchor, same device "
+        "| server / anchor |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| embeddings, 64 clients, seq/s | {emb['seq_s']:.0f} (p50 {emb['p50_s'] * 1e3:.0f} ms) | "
+        f"{eng['embed_seq_s']:.0f} | truncated forward B=64 same inputs: {anchors['truncated_seq_s']:.0f} "
+        f"(B=64 x 256 tokens: {anchors['truncated_seq_s_256']:.0f}) | {emb['seq_s'] / anchors['truncated_seq_s']:.0%} |",
     ]
-    full = rows[1][1]
-    for layer, sps in rows:
-        label = "embeddings at profile layer k" if layer == k else "embeddings at full depth L"
-        lines.append(f"| {label} | {layer} | {layer} | {sps:.1f} | {sps * len(inputs[0]):.0f} | {sps / full:.2f}x |")
+    gen_anchor = anchors["generate_tok_s"]
+    for n in args.stream_counts:
+        a = gen_anchor.get(n)
+        lines.append(f"| generation, {n} stream(s), tokens/s | {g[n]['tok_s']:.0f} (TTFT p50 "
+                     f"{(g[n]['ttft_p50_s'] or 0) * 1e3:.0f} ms; CPU: server {g[n]['server_cpu']:.0%}, client "
+                     f"{g[n]['client_cpu']:.0%}) | {eng[f'gen_{n}']:.0f} | "
+                     + (f"`generate` B={n}: {a:.0f} | {g[n]['tok_s'] / a:.2f}x |" if a else "- | - |"))
+    if floor:
+        lines.append(f"| decode-step memory floor | - | - | {floor:.2f} ms per step (weights / "
+                     f"{anchors['bandwidth'] / 1e12:.2f} TB/s copy bandwidth): {1e3 / floor:.0f} tokens/s per stream "
+                     "| - |")
+    under = res["gen_under_embed"]
+    most = max(args.stream_counts)
+    limit = 3 * idle["p99_s"] + 0.020
     lines += [
         "",
-        "| generation | requests | completion tokens | tokens/s |",
-        "| --- | ---: | ---: | ---: |",
-        f"| single stream | 1 | {args.max_tokens} | {single:.1f} |",
-        f"| batched | {args.gen_batch} | {n_tok} | {batched:.1f} |",
+        "| mixed load | value | target |",
+        "| --- | ---: | --- |",
+        f"| single-input embedding latency, idle: p50 / p99 | {idle['p50_s'] * 1e3:.1f} / {idle['p99_s'] * 1e3:.1f} ms"
+        " | - |",
+        f"| same, while {most} streams generate: p50 / p99 | {mixed['p50_s'] * 1e3:.1f} / {mixed['p99_s'] * 1e3:.1f} ms "
+        f"({mixed['streams_running_at_end']} of {most} streams still running at the end) | p99 <= 3 x idle p99 + 20 ms "
+        f"= {limit * 1e3:.1f} ms: {'met' if mixed['p99_s'] <= limit else 'NOT met'} |",
+        f"| {most} streams alone, tokens/s | {g[most]['tok_s']:.0f} | - |",
+        f"| {most} streams with embeddings offered at half capacity ({under['embedding_seq_s_offered']:.0f} seq/s), "
+        f"tokens/s | {under['tok_s']:.0f} ({under['tok_s'] / g[most]['tok_s'] - 1:+.0%}) | fall <= 20 % |",
+        f"| greedy tokens identical to `generate` ({len(res['greedy'])} prompts x {args.check_tokens}) | "
+        f"{share:.1%} (mean identical prefix {prefix:.1f} tokens) | - |",
+        f"| SIGINT with {most} streams open -> process exited | {res['shutdown_s']:.2f} s | <= 2 s |",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(x for x in lines if x is not None)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="Hub id, folder or .gguf; default: built-in SmolLM2.")
-    p.add_argument("--config", choices=sorted(CONFIGS), default=None, help="Random weights with these shapes.")
+    p.add_argument("--model", default=None, help="Hub id, folder or .gguf; default: the built-in SmolLM2.")
+    p.add_argument("--config", default=None, help="Random weights of these shapes (serving_models.CONFIGS).")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--layer", type=int, default=None, help="Hidden index k; default: --profile's, else round(2L/3).")
-    p.add_argument("--profile", default=None, help="A phase_profile.json file whose embedding_layer is k.")
-    p.add_argument("--n-inputs", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--per-request", type=int, default=8)
-    p.add_argument("--batch-tokens", type=int, default=8192)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--gen-batch", type=int, default=8)
-    p.add_argument("--output", default=None, help="Also write the markdown here.")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--layer", type=int, default=None, help="Hidden index k (default: 20 for SmolLM2 shapes).")
+    p.add_argument("--n-inputs", type=int, default=512)
+    p.add_argument("--input-len", type=int, default=150)
+    p.add_argument("--embed-rounds", type=int, default=4, help="Requests per embedding client.")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--stream-counts", default="1,16,64")
+    p.add_argument("--generate-batches", default="1,16,64")
+    p.add_argument("--latency-n", type=int, default=100)
+    p.add_argument("--check-prompts", type=int, default=16)
+    p.add_argument("--check-tokens", type=int, default=64)
+    p.add_argument("--max-input-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--kv-cache-memory", type=float, default=None)
+    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--max-batch-size", type=int, default=128)
+    p.add_argument("--output", default=None)
     args = p.parse_args()
-    report = asyncio.run(run(args))
-    print(report)
+    args.stream_counts = [int(x) for x in args.stream_counts.split(",")]
+    args.generate_batches = [int(x) for x in args.generate_batches.split(",")]
+
+    loaded = load(args.config, args.model, args.device, args.dtype)
+    L = loaded.n_layers
+    k = args.layer if args.layer is not None else DEFAULT_LAYER.get(args.config or "smollm2-135m", round(2 * L / 3))
+    vocab = int(loaded.model.get_input_embeddings().num_embeddings)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randint(3, vocab, (args.input_len + int(torch.randint(-20, 21, (1,), generator=g)),),
+                            generator=g).tolist() for _ in range(args.n_inputs)]
+    prompts = [torch.randint(3, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(64)]
+    anchors = offline_anchors(args, loaded, k, inputs, prompts)
+    anchors["engine"] = asyncio.run(engine_in_process(args, loaded, k, inputs, prompts))
+    meta = SimpleNamespace(spec=loaded.spec, n_layers=L)
+    del loaded  # the server process loads its own copy
+    gc.collect()
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.empty_cache()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(args, k, port)
+    try:
+        info = asyncio.run(wait_ready(url, proc, 600))
+        res = asyncio.run(drive(args, url, inputs, prompts, proc))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = report(args, meta, k, anchors, res, info, sum(map(len, inputs)) / len(inputs))
+    print(text)
     if args.output:
-        Path(args.output).write_text(report)
+        Path(args.output).write_text(text)
 
 
 if __name__ == "__main__":

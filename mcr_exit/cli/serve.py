@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from mcr_exit.cli.options import model_options
@@ -107,7 +109,7 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
     run_server(app, engine, host=host, port=port)
 
 
-def run_server(app, engine, *, host: str, port: int) -> None:
+def run_server(app, engine, *, host: str, port: int, log_level: str = "info") -> None:
     """uvicorn, with SIGINT / SIGTERM also cancelling in-flight generation at once (streams end, the
     connections close, and the process exits without waiting for them to finish)."""
     import uvicorn
@@ -117,5 +119,11 @@ def run_server(app, engine, *, host: str, port: int) -> None:
             engine.scheduler.stop()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=1)
-    _Server(config).run()
+    # The engine's threads and the event loop share the GIL: a short switch interval lets a decode step
+    # go on as soon as the loop has handed out the last one's text (the default, 5 ms, caps steps).
+    sys.setswitchinterval(0.0005)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=1)
+    try:
+        _Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled: the shutdown already happened
+        pass

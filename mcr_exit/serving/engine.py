@@ -95,6 +95,35 @@ def _max_positions(config) -> int | None:
     return None
 
 
+async def _get(queue: asyncio.Queue, timeout: float):
+    if hasattr(asyncio, "timeout"):  # Python 3.11+: a timer handle, no task per call
+        async with asyncio.timeout(timeout):
+            return await queue.get()
+    return await asyncio.wait_for(queue.get(), timeout)
+
+
+def _coalesce(first: tuple, queue: asyncio.Queue) -> list[tuple]:
+    """``first`` and whatever else is queued now, each handle's text joined into one event.
+
+    Per handle the engine sends text events, then one done or error event, so joining a handle's
+    text at its first text event keeps every handle's order.
+    """
+    items = [first]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    out: list[tuple] = []
+    text_at: dict[int, int] = {}
+    for handle, kind, value in items:
+        if kind == "text" and id(handle) in text_at:
+            i = text_at[id(handle)]
+            out[i] = (handle, "text", out[i][2] + value)
+            continue
+        if kind == "text":
+            text_at[id(handle)] = len(out)
+        out.append((handle, kind, value))
+    return out
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, profile: ProfileSource | None = None,
                  config: EngineConfig | None = None, *, embedding_layer: int | None = None,
@@ -123,7 +152,8 @@ class Engine:
                                    metrics=self.metrics, eos_ids=eos_ids_of(loaded.model, loaded.tokenizer),
                                    pad_id=self.pad_id, generator=generator)
         self._ready = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the generation lane; it starts the embedding lane
+        self._embed_thread: threading.Thread | None = None
         self.startup_report: dict = {}
         self.startup_error: str | None = None
 
@@ -153,9 +183,13 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - requests will show the failure; the server stays up
             log.exception("engine start-up failed")
             self.startup_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self._embed_thread = threading.Thread(target=self.scheduler.run_embeddings, name="mcr-exit-embeddings",
+                                              daemon=True)
+        self._embed_thread.start()
         self._ready.set()
         self.metrics.set("mcr_exit_ready", 1)
         self.scheduler.run()
+        self._embed_thread.join()
         self.metrics.set("mcr_exit_ready", 0)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -368,25 +402,26 @@ class Engine:
     async def events(self, handles: list[GenerationHandle]) -> AsyncIterator[tuple]:
         """(handle, kind, value) events of handles that share one queue, until every one is done.
 
-        A request times out only when no token arrives for ``stall_timeout_s``; a long stream that keeps
-        making progress runs on. Leaving the iteration early cancels the requests.
+        Text that piled up for a handle since the last read comes as one event. A request times out
+        only when no token arrives for ``stall_timeout_s``: a long stream that keeps making progress
+        runs on. Leaving the iteration early cancels the requests.
         """
         queue, stall = handles[0].events, self.config.stall_timeout_s
         open_ = {id(h) for h in handles}
         try:
             while open_:
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout=stall)
+                    item = await _get(queue, stall)
                 except (asyncio.TimeoutError, TimeoutError):
                     if time.monotonic() - max(h.last_progress for h in handles) >= stall:
                         raise RequestTimeout(f"no new token for {stall:g} s") from None
                     continue
-                handle, kind, value = item
-                if kind == "error":
-                    raise value
-                if kind == "done":
-                    open_.discard(id(handle))
-                yield item
+                for handle, kind, value in _coalesce(item, queue):
+                    if kind == "error":
+                        raise value
+                    if kind == "done":
+                        open_.discard(id(handle))
+                    yield handle, kind, value
         finally:
             for h in handles:
                 if not h.future.done():

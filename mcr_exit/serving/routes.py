@@ -9,6 +9,7 @@ from mcr_exit.serving.errors import InvalidRequest, ModelNotFound, status_and_bo
 from mcr_exit.serving.jobs import GenerationRequest
 from mcr_exit.serving.schemas import (
     ChatCompletionRequest,
+    TextChunks,
     CompletionRequest,
     EmbeddingRequest,
     chat_chunk,
@@ -127,6 +128,7 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
         handles = open_all(gens, stream_text=True)  # 400 / 429 now, before the first byte
         index = {id(h): i for i, h in enumerate(handles)}
         rid = new_id("chatcmpl" if chat else "cmpl")
+        texts = TextChunks(rid, model, chat=chat)
 
         def chunk(i: int, text: str | None, finish: str | None, role: bool = False) -> str:
             if chat:
@@ -143,7 +145,7 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
                     yield chunk(0, None, None, role=True)
                 async for handle, kind, value in engine.events(handles):
                     if kind == "text":
-                        yield chunk(index[id(handle)], value, None)
+                        yield texts.text(index[id(handle)], value)
                     elif kind == "done":
                         outputs.append(value)
                         yield chunk(index[id(handle)], None, value.finish_reason)

@@ -1,12 +1,17 @@
-"""The step scheduler: one thread owns the model, both queues and the KV pool.
+"""The step scheduler: two lanes over one model, one KV pool.
 
-Each step of the loop
-  1. runs one batch of embedding inputs (early exit at their layer k; at most a token budget),
-  2. admits waiting generation requests into free KV slots and prefills them (one batch, a token budget),
-  3. runs one decode step for every running sequence (a CUDA graph replay on GPUs),
-then hands the step's new text to the callers' event loops in one call per loop. So an embedding
-waits for at most one decode step and one prefill, never for a whole generation, and a long
-embedding request is cut into batches between which decode steps continue.
+The generation lane (one thread) loops over steps: admit waiting requests into free KV slots and
+prefill them (one batch within a token budget), then one decode step for every running sequence (a
+CUDA graph replay on GPUs), then hand the step's new text to the callers' event loops in one call
+per loop. The embedding lane (a second thread, its own CUDA stream) runs embedding inputs in batches
+within a token budget, each stopping at its layer k.
+
+Every eager forward (embedding batch, prefill, eager decode) holds ``forward_lock``, a FIFO lock:
+the early-exit hooks live on the shared blocks, so two eager forwards must never interleave, and the
+FIFO order means neither lane can starve the other. A graph replay runs no Python module code and
+takes no lock, so on a GPU embedding batches overlap the decode steps. An embedding therefore waits
+for at most one prefill or eager decode step, never for a whole generation, and a long embedding
+request is cut into batches between which generation steps go on.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -28,6 +34,26 @@ from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput
 from mcr_exit.serving.sampling import make_generator, sample_tokens
 
 log = logging.getLogger("mcr_exit.serving")
+
+
+class FairLock:
+    """A ticket lock: threads enter in the order they asked (``threading.Lock`` lets a releaser re-take it)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next = 0
+        self._serving = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            while self._serving != ticket:
+                self._cond.wait()
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
 
 
 class _Row:
@@ -48,7 +74,9 @@ class Scheduler:
     def __init__(self, *, stepper, tokenizer, config, metrics, eos_ids: set[int], pad_id: int, generator=None):
         self.stepper, self.tok, self.config, self.metrics = stepper, tokenizer, config, metrics
         self.eos_ids, self.pad_id, self.generator = eos_ids, pad_id, generator
-        self.cond = threading.Condition()
+        self.cond = threading.Condition()  # generation queue and running rows
+        self.embed_cond = threading.Condition()  # embedding queue
+        self.forward_lock = FairLock()
         self.waiting: deque[GenerationHandle] = deque()
         self.pieces: deque[tuple[EmbedJob, int]] = deque()  # embedding inputs not yet run
         self.queued_tokens = 0  # tokens in self.pieces
@@ -69,7 +97,7 @@ class Scheduler:
             self.cond.notify()
 
     def submit_embed(self, job: EmbedJob) -> None:
-        with self.cond:
+        with self.embed_cond:
             if self.stopping:
                 raise EngineNotReady("the server is shutting down")
             if self.queued_tokens + job.n_tokens > self.config.max_queue_tokens:
@@ -79,37 +107,68 @@ class Scheduler:
             self.pieces.extend((job, i) for i in range(len(job.ids)))
             self.queued_tokens += job.n_tokens
             self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
-            self.cond.notify()
+            self.embed_cond.notify()
 
     def stop(self) -> None:
-        """Fail everything waiting or running (callers see EngineNotReady) and end the loop."""
-        with self.cond:
-            self.stopping = True
-            self.cond.notify_all()
+        """Fail everything waiting or running (callers see EngineNotReady) and end both lanes."""
+        for cond in (self.cond, self.embed_cond):
+            with cond:
+                self.stopping = True
+                cond.notify_all()
 
     # ---- the loop (engine thread) -------------------------------------------------------------
     def run(self) -> None:
+        """The generation lane (the engine thread)."""
         while True:
             with self.cond:
-                while not (self.waiting or self.pieces or self.rows or self.stopping):
+                while not (self.waiting or self.rows or self.stopping):
                     self.cond.wait()
                 if self.stopping:
                     break
-                embed_batch = self._take_embed_batch()
                 admitted = self._admit()
             try:
                 with torch.inference_mode():
-                    if embed_batch:
-                        self._run_embed(embed_batch)
                     if admitted:
-                        self._run_generator(admitted) if self.generator is not None else self._prefill(admitted)
+                        if self.generator is not None:
+                            self._run_generator(admitted)
+                        else:
+                            with self.forward_lock:
+                                self._prefill(admitted)
                     if self.rows:
                         self._decode()
             except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
-                log.exception("engine step failed")
-                self._fail_step(embed_batch, admitted, exc)
+                log.exception("generation step failed")
+                self._fail_step(admitted, exc)
             self._flush()
         self._shutdown()
+
+    def run_embeddings(self) -> None:
+        """The embedding lane (its own thread and, on a GPU, its own CUDA stream)."""
+        dev = self.stepper.device
+        stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        while True:
+            with self.embed_cond:
+                while not (self.pieces or self.stopping):
+                    self.embed_cond.wait()
+                if self.stopping:
+                    break
+                batch = self._take_embed_batch()
+            if not batch:
+                continue
+            try:
+                with torch.inference_mode(), self.forward_lock, \
+                        (torch.cuda.stream(stream) if stream is not None else nullcontext()):
+                    self._run_embed(batch)
+            except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
+                log.exception("embedding batch failed")
+                for job, _ in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+        with self.embed_cond:
+            pieces, self.pieces = list(self.pieces), deque()
+        for job, _ in pieces:
+            if not job.future.done():
+                job.future.set_exception(EngineNotReady("the server is shutting down"))
 
     # ---- embeddings ---------------------------------------------------------------------------
     def _take_embed_batch(self) -> list[tuple[EmbedJob, int]]:
@@ -199,7 +258,11 @@ class Scheduler:
         tokens, positions = [0] * B, [0] * B
         for slot, row in self.rows.items():
             tokens[slot], positions[slot] = row.next_token, row.next_pos
-        logits = self.stepper.decode(tokens, positions)
+        if self.stepper.use_graphs:
+            logits = self.stepper.decode(tokens, positions)
+        else:
+            with self.forward_lock:
+                logits = self.stepper.decode(tokens, positions)
         order = sorted(self.rows)
         rows = [self.rows[s] for s in order]
         if len(order) < B:
@@ -275,11 +338,8 @@ class Scheduler:
             except RuntimeError:  # that loop has closed: nobody is listening
                 pass
 
-    def _fail_step(self, embed_batch, admitted, exc: BaseException) -> None:
-        """A step raised: its embedding batch, its new requests and every running sequence get the error."""
-        for job, _ in embed_batch:
-            if not job.future.done():
-                job.future.set_exception(exc)
+    def _fail_step(self, admitted, exc: BaseException) -> None:
+        """A step raised: its new requests and every running sequence get the error."""
         running = [row.handle for row in self.rows.values()]
         for row in list(self.rows.values()):
             del self.rows[row.slot]
@@ -291,14 +351,10 @@ class Scheduler:
         exc = EngineNotReady("the server is shutting down")
         with self.cond:
             waiting, self.waiting = list(self.waiting), deque()
-            pieces, self.pieces = list(self.pieces), deque()
         for handle in waiting:
             self._error(handle, exc)
         for row in list(self.rows.values()):
             del self.rows[row.slot]
             self.stepper.pool.release(row.slot)
             self._error(row.handle, exc)
-        for job, _ in pieces:
-            if not job.future.done():
-                job.future.set_exception(exc)
         self._flush()

@@ -122,6 +122,24 @@ def chat_chunk(rid: str, model: str, index: int, delta: dict, finish_reason: str
             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
 
+class TextChunks:
+    """The SSE text chunks of one stream, built from a fixed head: no dict and no full encode per token."""
+
+    def __init__(self, rid: str, model: str, *, chat: bool):
+        import json
+
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = json.dumps({"id": rid, "object": obj, "created": int(time.time()), "model": model})
+        self._head = "data: " + head[:-1] + ', "choices": [{"index": '
+        self._field = '"delta": {"content": ' if chat else '"text": '
+        self._tail = '}, "logprobs": null, "finish_reason": null}]}\n\n' if chat else \
+            ', "logprobs": null, "finish_reason": null}]}\n\n'
+        self._dumps = json.dumps
+
+    def text(self, index: int, text: str) -> str:
+        return f"{self._head}{index}, {self._field}{self._dumps(text)}{self._tail}"
+
+
 def usage_chunk(rid: str, model: str, outputs, obj: str) -> dict:
     return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [],
             "usage": _usage(outputs)}
