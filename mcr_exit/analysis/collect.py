@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mcr_exit.metrics.attention import AttentionStats, summarize_heads
+from mcr_exit.metrics.registry import HEAD_METRICS
 from mcr_exit.metrics.spectral import SpectralStats, finish_spectral, gram_eigenvalues, spectral_terms
 from mcr_exit.metrics.spectral_estimate import estimate_spectrum
 from mcr_exit.models.attention_stats import collect_attention_stats
@@ -19,7 +20,6 @@ from mcr_exit.models.forward import run_blocks
 from mcr_exit.models.loading import LoadedModel
 from mcr_exit.models.tokens import collate, length_batches, pad_id_of
 
-HEAD_METRICS = ("sink_score", "mixing_score", "colsum_concentration", "diag_score")
 SPECTRAL_BACKENDS = ("device", "device-threads", "cpu-pool", "estimate")
 SPECTRA_METHODS = ("auto", "exact", "estimate")
 ESTIMATE_MIN_SIZE = 256  # below this Gram size exact eigenvalues cost little anywhere
