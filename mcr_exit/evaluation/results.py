@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mcr_exit import __version__
 from mcr_exit.errors import DataError
+from mcr_exit.phase_profile import portable_location
 
 SCHEMA = "mcr-exit/downstream-curve"
 
@@ -32,7 +33,8 @@ def curve_document(kind: str, result, *, loaded, data: dict) -> dict:
     return _clean({
         "schema": SCHEMA, "kind": kind, "mcr_exit_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": asdict(loaded.spec), "n_layers": loaded.adapter.n_layers, "data": data,
+        "model": {**asdict(loaded.spec), "location": portable_location(loaded.spec.source, loaded.spec.location)},
+        "n_layers": loaded.adapter.n_layers, "data": data,
         "rows": result.rows(), "result": body,
     })
 
