@@ -11,10 +11,13 @@ Every command's run follows one scheme:
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -154,6 +157,17 @@ class RunLogger:
         tag = InputTag(key="mlflow.data.context", value=context)
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
 
+    def log_dataset_meta(self, *, name: str, source: str, digest: str | None, context: str) -> None:
+        """A dataset input recorded by name, source and digest only (mteb tasks, labelled files, ...)."""
+        _mlflow()
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(CodeDatasetSource(tags={"source": source}), name=name, digest=(digest or None) and digest[:36])
+        tag = InputTag(key="mlflow.data.context", value=context)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
@@ -197,6 +211,62 @@ def maybe_run(enabled: bool, **kwargs) -> Iterator[RunLogger | None]:
         return
     with tracked_run(**kwargs) as logger:
         yield logger
+
+
+# A command's run, opened once its model is loaded (before the work) and ended with the command.
+
+_COMMAND_RUN: ContextVar[dict | None] = ContextVar("mcr_exit_command_run", default=None)
+
+
+def command_run(command: str):
+    """Decorator for a click command with the tracking options (--tracking-uri, --experiment, --no-mlflow).
+
+    Inside it, ``open_command_run`` opens the command's MLflow run (once the model is known, before the
+    work, so the run's duration is the work's); the run ends FINISHED when the command returns and
+    FAILED when it raises. Bad input found before ``open_command_run`` leaves no run behind.
+    """
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            slot = {"command": command, "options": kwargs, "stack": None, "logger": None}
+            token = _COMMAND_RUN.set(slot)
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException:
+                if slot["stack"] is not None:
+                    slot["stack"].__exit__(*sys.exc_info())
+                raise
+            finally:
+                _COMMAND_RUN.reset(token)
+            if slot["stack"] is not None:
+                slot["stack"].close()
+            return result
+
+        return wrapper
+
+    return decorate
+
+
+def open_command_run(*, model: str, revision: str | None = None, dtype: str | None = None) -> RunLogger | None:
+    """Open the enclosing ``command_run``'s MLflow run (None with --no-mlflow or outside a command)."""
+    slot = _COMMAND_RUN.get()
+    if slot is None or slot["options"].get("no_mlflow"):
+        return None
+    if slot["logger"] is None:
+        stack = ExitStack()
+        cmd, opts = slot["command"], slot["options"]
+        slot["logger"] = stack.enter_context(tracked_run(
+            tracking_uri=opts.get("tracking_uri"), experiment=opts.get("experiment") or DEFAULT_EXPERIMENT,
+            run_name=run_name(cmd, model, revision=revision, dtype=dtype),
+            tags=run_tags(cmd, model=model, revision=revision, dtype=dtype)))
+        slot["stack"] = stack
+    return slot["logger"]
+
+
+def command_run_logger() -> RunLogger | None:
+    """The open run of the enclosing ``command_run``, if any."""
+    slot = _COMMAND_RUN.get()
+    return slot["logger"] if slot else None
 
 
 # Reading runs back (compare) and artifacts (serve's runs:/ and models:/ profiles).
