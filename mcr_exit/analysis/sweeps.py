@@ -118,7 +118,8 @@ def run_sweep(cfg: SweepConfig, *, loader=None) -> SweepResult:
     output_dir = Path(cfg.output_dir)
     model = acfg.model or "built-in"
     with maybe_run(acfg.mlflow, tracking_uri=acfg.tracking_uri, experiment=acfg.experiment,
-                   run_name=run_name("sweep", Path(model).name, bos=acfg.bos, data=acfg.data, dtype=acfg.dtype,
+                   run_name=run_name("sweep", Path(model).name, bos=acfg.bos, data=acfg.data and Path(acfg.data).name,
+                                     dtype=acfg.dtype,
                                      extra=f"{len(revisions)} checkpoints"),
                    tags=run_tags("sweep", model=model, bos=acfg.bos, dtype=acfg.dtype)) as parent:
         if parent is not None:
