@@ -141,30 +141,30 @@ class RunLogger:
         self.log_dict(describe(kinds), "metrics.json")
 
     def log_dataset(self, texts: list[str], *, name: str, source: str, digest: str, context: str) -> None:
+        """The prompts themselves as a dataset input (local files as a file source, other sources as tags)."""
         import pandas as pd
 
         mlflow = _mlflow()
         from mlflow.data.code_dataset_source import CodeDatasetSource
 
-        df = pd.DataFrame({"text": texts})
-        # Local files resolve to a file source; the built-in corpus and hf: names are recorded as tags.
         src = source if Path(source).exists() else CodeDatasetSource(tags={"source": source})
         with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so each time
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
-            dataset = mlflow.data.from_pandas(df, source=src, name=name, digest=digest[:36])
-        from mlflow.entities import DatasetInput, InputTag
-
-        tag = InputTag(key="mlflow.data.context", value=context)
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+            dataset = mlflow.data.from_pandas(pd.DataFrame({"text": texts}), source=src, name=name, digest=digest[:36])
+        self._log_input(dataset, context)
 
     def log_dataset_meta(self, *, name: str, source: str, digest: str | None, context: str) -> None:
         """A dataset input recorded by name, source and digest only (mteb tasks, labelled files, ...)."""
         _mlflow()
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
+
+        src = CodeDatasetSource(tags={"source": source})
+        self._log_input(MetaDataset(src, name=name, digest=digest[:36] if digest else None), context)
+
+    def _log_input(self, dataset, context: str) -> None:
         from mlflow.entities import DatasetInput, InputTag
 
-        dataset = MetaDataset(CodeDatasetSource(tags={"source": source}), name=name, digest=(digest or None) and digest[:36])
         tag = InputTag(key="mlflow.data.context", value=context)
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
 
