@@ -22,6 +22,8 @@ import time
 
 import torch
 
+import spectral_backends  # noqa: F401  (registers the "device-threads" and "cpu-pool" backends)
+
 CONFIGS = {
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),

@@ -1,19 +1,35 @@
-"""MLflow logging. The only module that imports mlflow (lazily: importing it costs seconds)."""
+"""MLflow logging and reading. The only module that imports mlflow (lazily: importing it costs seconds).
+
+Every command's run follows one scheme:
+* run name: ``<command> <model>[@revision] · bos=<policy> · data=<name> · <dtype>`` (what tells runs apart);
+* tags: ``mcr_exit.command``, ``mcr_exit.model``, ``mcr_exit.revision``, ``mcr_exit.bos``,
+  ``mcr_exit.data``, ``mcr_exit.dtype``, ``mcr_exit.version`` (whichever apply);
+* metrics: registry keys (``hidden/...``, ``attention/...``, ``summary/...``; see metrics/registry.py),
+  described in the run's description and in its ``metrics.json`` artifact;
+* the experiment is tagged as a model-development experiment, so the UI opens on its runs.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pandas as pd
-
-from mcr_exit.errors import McrExitError
+from mcr_exit.errors import ConfigError, DataError, McrExitError
 
 DEFAULT_EXPERIMENT = "mcr-exit"
+# MLflow 3's UI reads this experiment tag: "custom_model_development" opens the runs table, where
+# an untagged experiment may open on the GenAI traces page.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"
+TAG_PREFIX = "mcr_exit."
 
 
 def _mlflow():
@@ -37,9 +53,35 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def run_tags(command: str, **values: object) -> dict[str, str]:
+    """The one tag scheme: ``mcr_exit.command`` plus ``mcr_exit.<key>`` for each value given (None skipped)."""
+    from mcr_exit import __version__
+
+    tags = {f"{TAG_PREFIX}command": command, f"{TAG_PREFIX}version": __version__}
+    tags.update({f"{TAG_PREFIX}{k}": str(v) for k, v in values.items() if v is not None and v != ""})
+    return tags
+
+
+def run_name(command: str, model: str, *, revision: str | None = None, bos: str | None = None,
+             data: str | None = None, dtype: str | None = None, extra: str | None = None) -> str:
+    """``analyze SmolLM2-135M-Instruct · bos=none · data=gsm8k · float32``: what tells runs apart."""
+    parts = [f"{command} {model}" + (f"@{revision}" if revision else "")]
+    if bos:
+        parts.append(f"bos={bos}")
+    if data:
+        parts.append(f"data={data}")
+    if dtype:
+        parts.append(dtype)
+    if extra:
+        parts.append(extra)
+    return " · ".join(parts)
+
+
 def _ensure_experiment(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version, or by hand
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     artifact_location = None
     parsed = urlparse(uri)
@@ -47,7 +89,8 @@ def _ensure_experiment(client, name: str, uri: str) -> str:
         # Keep artifacts beside the database whatever the working directory of later runs.
         db = Path(uri.removeprefix("sqlite:///"))
         artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 class RunLogger:
@@ -87,16 +130,39 @@ class RunLogger:
     def log_artifacts(self, directory: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
+    def log_dict(self, doc: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, doc, artifact_file)
+
+    def describe_metrics(self, kinds: tuple[str, ...]) -> None:
+        """The run's description (shown on its page) and ``metrics.json``: what each metric key means."""
+        from mcr_exit.metrics.registry import describe, legend
+
+        self.set_tags({DESCRIPTION_TAG: "Metrics of this run (step = layer index):\n\n" + legend(kinds)})
+        self.log_dict(describe(kinds), "metrics.json")
+
     def log_dataset(self, texts: list[str], *, name: str, source: str, digest: str, context: str) -> None:
+        """The prompts themselves as a dataset input (local files as a file source, other sources as tags)."""
+        import pandas as pd
+
         mlflow = _mlflow()
         from mlflow.data.code_dataset_source import CodeDatasetSource
 
-        df = pd.DataFrame({"text": texts})
-        # Local files resolve to a file source; the built-in corpus and hf: names are recorded as tags.
         src = source if Path(source).exists() else CodeDatasetSource(tags={"source": source})
         with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so each time
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple")
-            dataset = mlflow.data.from_pandas(df, source=src, name=name, digest=digest[:36])
+            dataset = mlflow.data.from_pandas(pd.DataFrame({"text": texts}), source=src, name=name, digest=digest[:36])
+        self._log_input(dataset, context)
+
+    def log_dataset_meta(self, *, name: str, source: str, digest: str | None, context: str) -> None:
+        """A dataset input recorded by name, source and digest only (mteb tasks, labelled files, ...)."""
+        _mlflow()
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        src = CodeDatasetSource(tags={"source": source})
+        self._log_input(MetaDataset(src, name=name, digest=digest[:36] if digest else None), context)
+
+    def _log_input(self, dataset, context: str) -> None:
         from mlflow.entities import DatasetInput, InputTag
 
         tag = InputTag(key="mlflow.data.context", value=context)
@@ -105,6 +171,12 @@ class RunLogger:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
+
+    def adopt_child(self, run_id: str, tags: Mapping[str, str] | None = None) -> None:
+        """Make a finished run a child of this one (nested in the UI's run list)."""
+        self.client.set_tag(run_id, "mlflow.parentRunId", self.run_id)
+        for k, v in (tags or {}).items():
+            self.client.set_tag(run_id, k, v)
 
 
 @contextmanager
@@ -117,11 +189,11 @@ def tracked_run(
     uri = resolve_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp_id = _ensure_experiment(client, experiment, uri)
-    run_tags = dict(tags or {})
-    run_tags["mlflow.runName"] = run_name
+    run_tags_ = dict(tags or {})
+    run_tags_["mlflow.runName"] = run_name
     if parent_run_id:
-        run_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, tags=run_tags, run_name=run_name)
+        run_tags_["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, tags=run_tags_, run_name=run_name)
     logger = RunLogger(client, run.info.run_id)
     try:
         yield logger
@@ -129,3 +201,116 @@ def tracked_run(
         client.set_terminated(run.info.run_id, status="FAILED")
         raise
     client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+@contextmanager
+def maybe_run(enabled: bool, **kwargs) -> Iterator[RunLogger | None]:
+    """``tracked_run(**kwargs)`` when ``enabled``, else None (``--no-mlflow``): one code path for both."""
+    if not enabled:
+        yield None
+        return
+    with tracked_run(**kwargs) as logger:
+        yield logger
+
+
+# A command's run, opened once its model is loaded (before the work) and ended with the command.
+
+_COMMAND_RUN: ContextVar[dict | None] = ContextVar("mcr_exit_command_run", default=None)
+
+
+def command_run(command: str):
+    """Decorator for a click command with the tracking options (--tracking-uri, --experiment, --no-mlflow).
+
+    Inside it, ``open_command_run`` opens the command's MLflow run (once the model is known, before the
+    work, so the run's duration is the work's); the run ends FINISHED when the command returns and
+    FAILED when it raises. Bad input found before ``open_command_run`` leaves no run behind.
+    """
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            slot = {"command": command, "options": kwargs, "stack": None, "logger": None}
+            token = _COMMAND_RUN.set(slot)
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException:
+                if slot["stack"] is not None:
+                    slot["stack"].__exit__(*sys.exc_info())
+                raise
+            finally:
+                _COMMAND_RUN.reset(token)
+            if slot["stack"] is not None:
+                slot["stack"].close()
+            return result
+
+        return wrapper
+
+    return decorate
+
+
+def open_command_run(*, model: str, revision: str | None = None, dtype: str | None = None) -> RunLogger | None:
+    """Open the enclosing ``command_run``'s MLflow run (None with --no-mlflow or outside a command)."""
+    slot = _COMMAND_RUN.get()
+    if slot is None or slot["options"].get("no_mlflow"):
+        return None
+    if slot["logger"] is None:
+        stack = ExitStack()
+        cmd, opts = slot["command"], slot["options"]
+        slot["logger"] = stack.enter_context(tracked_run(
+            tracking_uri=opts.get("tracking_uri"), experiment=opts.get("experiment") or DEFAULT_EXPERIMENT,
+            run_name=run_name(cmd, model, revision=revision, dtype=dtype),
+            tags=run_tags(cmd, model=model, revision=revision, dtype=dtype)))
+        slot["stack"] = stack
+    return slot["logger"]
+
+
+def command_run_logger() -> RunLogger | None:
+    """The open run of the enclosing ``command_run``, if any."""
+    slot = _COMMAND_RUN.get()
+    return slot["logger"] if slot else None
+
+
+# Reading runs back (compare) and artifacts (serve's runs:/ and models:/ profiles).
+
+def open_client(tracking_uri: str | None):
+    return _mlflow().MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+
+
+def get_run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"MLflow run '{run_id}' does not exist in {client.tracking_uri}") from None
+
+
+def experiment_ids(client, experiment: str | None) -> list[str]:
+    """The named experiment's id, or every experiment's when ``experiment`` is None."""
+    if experiment is None:
+        return [e.experiment_id for e in client.search_experiments()]
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"MLflow experiment '{experiment}' does not exist in {client.tracking_uri}")
+    return [exp.experiment_id]
+
+
+def finished_runs(client, experiment_ids: list[str], command: str) -> list:
+    """Every FINISHED run of one mcr-exit command, newest first."""
+    flt = f"tags.`{TAG_PREFIX}command` = '{command}' and attributes.status = 'FINISHED'"
+    return client.search_runs(experiment_ids, flt, order_by=["attributes.start_time DESC"], max_results=5000)
+
+
+def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def download_artifacts(uri: str, tracking_uri: str | None, dst: str) -> Path:
+    """mlflow's own artifact download for runs:/ and models:/ URIs; one-line DataError on failure."""
+    mlflow = _mlflow()
+    resolved = resolve_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(resolved)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=resolved))
+    except Exception as exc:  # noqa: BLE001 - mlflow raises many types; one line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot download {uri}: {first}") from exc

@@ -45,7 +45,7 @@ def test_cli_with_no_arguments_runs_the_default_model_into_the_default_store(tmp
     (run,) = client.search_runs([client.get_experiment_by_name("mcr-exit").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["model"] == "SmolLM2-135M-Instruct" and run.data.params["n_prompts"] == "36"
-    assert len(client.get_metric_history(run.info.run_id, "bos_norm")) == 31
+    assert len(client.get_metric_history(run.info.run_id, "hidden/bos_norm")) == 31
     (out,) = (tmp_path / "mcr-exit-runs").iterdir()
     assert json.loads((out / "phase_profile.json").read_text())["mlflow_run_id"] == run.info.run_id
 

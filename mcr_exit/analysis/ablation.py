@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,9 @@ from mcr_exit.models.forward import run_blocks
 from mcr_exit.models.loading import LoadedModel
 from mcr_exit.models.surgery import ablate_bos_mlp, capture_mlp_residual, clip_bos_residual
 from mcr_exit.models.tokens import collate, length_batches, pad_id_of
+
+if TYPE_CHECKING:  # the command's config (analysis/ablate_run.py) imports this module
+    from mcr_exit.analysis.ablate_run import AblateConfig
 
 # A block is a stage of the spike when its MLP writes at least this share of the peak BOS norm into
 # position 0, and this many times more than it writes into the other positions.
@@ -213,7 +217,7 @@ def summarize(result: VariantResult, *, spike_layer: int, window: tuple[int, int
 
 
 SIDE_BY_SIDE = ("bos_norm", "other_norm", "norm_ratio", "entropy", "entropy_norm", "anisotropy",
-                "sink_rate", "mixing_score")
+                "sink_rate", "mixing_score")  # a selection of registered metrics (metrics/registry.py)
 
 
 def side_by_side(results: list[VariantResult]) -> pd.DataFrame:
@@ -223,21 +227,6 @@ def side_by_side(results: list[VariantResult]) -> pd.DataFrame:
         for r in results:
             frame[f"{key}[{r.variant.name}]"] = r.table[key].to_numpy()
     return pd.DataFrame(frame)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AblateConfig:
-    layers: str = "auto"  # "auto" or block list such as "0,5-7"
-    clip: tuple[float, ...] | None = None  # None: no clipping; () : automatic sweep
-    clip_layer: int | None = None  # hidden index; default: right after the last ablated block
-    tau: float = 0.3
-    batch_size: int = 8
-    auto_prompts: int = 8  # prompts used to find the spike's blocks
-
-    def __post_init__(self):
-        for g in self.clip or ():
-            if not g > 0:
-                raise ConfigError(f"clipping value must be > 0, got {g}")
 
 
 @dataclass(frozen=True, kw_only=True)

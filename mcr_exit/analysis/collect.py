@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mcr_exit.metrics.attention import AttentionStats, summarize_heads
+from mcr_exit.metrics.registry import HEAD_METRICS
 from mcr_exit.metrics.spectral import SpectralStats, finish_spectral, gram_eigenvalues, spectral_terms
 from mcr_exit.metrics.spectral_estimate import estimate_spectrum
 from mcr_exit.models.attention_stats import collect_attention_stats
@@ -19,8 +20,7 @@ from mcr_exit.models.forward import run_blocks
 from mcr_exit.models.loading import LoadedModel
 from mcr_exit.models.tokens import collate, length_batches, pad_id_of
 
-HEAD_METRICS = ("sink_score", "mixing_score", "colsum_concentration", "diag_score")
-SPECTRAL_BACKENDS = ("device", "device-threads", "cpu-pool", "estimate")
+SPECTRAL_BACKENDS = ("device", "estimate")
 SPECTRA_METHODS = ("auto", "exact", "estimate")
 ESTIMATE_MIN_SIZE = 256  # below this Gram size exact eigenvalues cost little anywhere
 MAX_UNFINISHED = 2  # batches whose statistics may still be in flight (host memory and latency bound)
@@ -36,28 +36,27 @@ def spectral_backend_for(spectra: str, device: torch.device | str) -> str:
 
 
 class SpectralReducer:
-    """Turns each hidden state into SpectralStats, on its own device or in a CPU thread pool.
+    """Turns each hidden state into SpectralStats.
 
-    "device" computes the Gram matrix and its eigenvalues where the hidden state lives; "device-threads"
-    does the same from several host threads, each on its own CUDA stream, so that the latency-bound
-    eigensolver calls overlap one another and the forward pass. "cpu-pool"
-    computes the Gram matrix on the device and its eigenvalues in CPU threads, overlapped with the
-    next layers of the forward pass (eigensolvers of 1k x 1k matrices are latency-bound on GPUs).
-    "estimate" keeps float32 Gram matrices until ``chunk`` of them are waiting and then gets entropy and
-    top eigenvalues for all of them at once from matrix products (``metrics/spectral_estimate.py``);
-    Gram matrices smaller than ESTIMATE_MIN_SIZE still get exact eigenvalues.
+    "device" computes the Gram matrix and its eigenvalues where the hidden state lives. "estimate" keeps
+    float32 Gram matrices until ``chunk`` of them are waiting and then gets entropy and top eigenvalues
+    for all of them at once from matrix products (``metrics/spectral_estimate.py``); Gram matrices
+    smaller than ESTIMATE_MIN_SIZE still get exact eigenvalues. Other ways of running the exact
+    eigensolver (thread pools, side streams: benchmarks/spectral_backends.py) subclass this, override
+    ``exact`` and register under their own name with ``register_reducer``.
     """
 
+    BACKENDS: tuple[str, ...] = SPECTRAL_BACKENDS
+
     def __init__(
-        self, backend: str = "device", dtype: torch.dtype = torch.float64, workers: int = 8, chunk: int = 64,
+        self, backend: str = "device", dtype: torch.dtype = torch.float64, chunk: int = 64,
         estimate_options: dict | None = None,
     ):
-        if backend not in SPECTRAL_BACKENDS:
-            raise ValueError(f"unknown spectral backend '{backend}': use {', '.join(SPECTRAL_BACKENDS)}")
+        if backend not in self.BACKENDS:
+            raise ValueError(f"unknown spectral backend '{backend}': use {', '.join(self.BACKENDS)}")
         self.estimate_options = dict(estimate_options or {})
         chunk = self.estimate_options.pop("chunk", chunk)
         self.backend, self.dtype, self.chunk = backend, dtype, chunk
-        self.pool = ThreadPoolExecutor(workers) if backend in ("device-threads", "cpu-pool") else None
         self.side: ThreadPoolExecutor | None = None  # the estimate's worker thread (GPUs)
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         # Work is counted in units (one per ``submit``). ``waiting`` holds Gram matrices not yet estimated,
@@ -132,38 +131,11 @@ class SpectralReducer:
                     self._flush_estimates()
                 return
         terms, gram = spectral_terms(h, lengths.to(h.device), compute_dtype=self.dtype)
-        if self.pool is None:
-            store(finish_spectral(terms, gram_eigenvalues(gram)))
-            return
-        if self.backend == "device-threads":
-            ready = torch.cuda.Event() if gram.is_cuda else None
-            if ready is not None:
-                ready.record()
+        self.exact(terms, gram, store, unit)
 
-            def on_stream():
-                if ready is None:
-                    store(finish_spectral(terms, gram_eigenvalues(gram)))
-                    return
-                stream = torch.cuda.Stream(device=gram.device)
-                stream.wait_event(ready)
-                with torch.cuda.stream(stream):
-                    gram.record_stream(stream)
-                    for v in terms.values():
-                        v.record_stream(stream)
-                    result = finish_spectral(terms, gram_eigenvalues(gram))
-                stream.synchronize()
-                store(result)
-
-            self.pending.append((unit, unit + 1, self.pool.submit(on_stream)))
-            return
-        terms = {k: v.cpu() for k, v in terms.items()}
-        gram = gram.cpu().numpy()
-
-        def work():
-            eig = torch.from_numpy(np.linalg.eigvalsh(gram)[..., ::-1].clip(min=0).copy())
-            store(finish_spectral(terms, eig))
-
-        self.pending.append((unit, unit + 1, self.pool.submit(work)))
+    def exact(self, terms: dict, gram: torch.Tensor, store: Callable[[SpectralStats], None], unit: int) -> None:
+        """Exact eigenvalues of one Gram matrix, here and now (subclasses may defer: add to ``pending``)."""
+        store(finish_spectral(terms, gram_eigenvalues(gram)))
 
     def ticket(self) -> int:
         """A mark for all work submitted so far (``ready`` takes it)."""
@@ -190,9 +162,18 @@ class SpectralReducer:
 
     def close(self) -> None:
         self.drain()
-        for pool in (self.pool, self.side):
-            if pool is not None:
-                pool.shutdown()
+        if self.side is not None:
+            self.side.shutdown()
+
+
+REDUCERS: dict[str, type[SpectralReducer]] = {name: SpectralReducer for name in SPECTRAL_BACKENDS}
+
+
+def register_reducer(cls: type[SpectralReducer]) -> type[SpectralReducer]:
+    """Make ``cls`` available to ``collect_statistics(spectral_backend=...)`` under each of its BACKENDS."""
+    for name in cls.BACKENDS:
+        REDUCERS[name] = cls
+    return cls
 
 
 @dataclass(kw_only=True)
@@ -275,7 +256,9 @@ def collect_statistics(
     stats = LayerStatistics(n_layers=L, n_heads=n_heads, lengths=np.array([len(x) for x in ids]))
     pad = pad_id_of(loaded.tokenizer)
     device = loaded.input_device
-    reducer = SpectralReducer(spectral_backend, spectral_dtype, estimate_options=spectral_options)
+    if spectral_backend not in REDUCERS:
+        raise ValueError(f"unknown spectral backend '{spectral_backend}': use {', '.join(REDUCERS)}")
+    reducer = REDUCERS[spectral_backend](spectral_backend, spectral_dtype, estimate_options=spectral_options)
     # Batches whose statistics are still being computed (spectra in a worker thread): each is read out
     # once ``reducer.ready`` says so, so the spectra of one batch overlap the next batch's forward pass.
     unfinished: list[tuple[list[int], _BatchBuffer, int]] = []

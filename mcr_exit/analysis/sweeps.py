@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
-import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +61,25 @@ def resolve_checkpoint(model: str | None, revision: str) -> tuple[str | None, st
 
 
 @dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """``analysis`` is applied to every checkpoint (its model/revision/output_dir are set per checkpoint)."""
+
+    analysis: object  # AnalyzeConfig
+    revisions: tuple[str, ...] | list[str] | str
+    output_dir: str | Path | None = None
+
+    def __post_init__(self):
+        revisions = [self.revisions] if isinstance(self.revisions, str) else list(self.revisions)
+        object.__setattr__(self, "revisions", tuple(parse_revisions(revisions)))
+        if self.analysis.model is None:
+            raise ConfigError("sweep needs --model (the built-in GGUF has no checkpoints)")
+        for r in self.revisions:  # fail on a missing local checkpoint before any run starts
+            resolve_checkpoint(self.analysis.model, r)
+        if self.output_dir is None:
+            object.__setattr__(self, "output_dir", f"mcr-exit-runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SweepResult:
     table: pd.DataFrame  # one row per checkpoint
     run_ids: dict[str, str | None]
@@ -80,59 +98,48 @@ def _row(revision: str, step: float, profile: dict, run_id: str | None) -> dict:
             "corr_bos_entropy": p["corr_bos_entropy"], "corr_bos_sink_lag1": p["corr_bos_sink_lag1"]}
 
 
-def run_sweep(cfg, revisions: list[str], *, loader=None, output_dir: Path) -> SweepResult:
-    """``cfg`` is an ``AnalyzeConfig`` (its model/revision/output_dir are set per checkpoint).
+def run_sweep(cfg: SweepConfig, *, loader=None) -> SweepResult:
+    """One analysis per checkpoint, each into ``<output_dir>/<revision>/``, then sweep.csv and the figure.
 
-    ``loader(model, revision)`` loads one checkpoint (default: ``load_model`` with cfg's dtype/device).
-    With MLflow on, each checkpoint's analysis run becomes a child of one sweep run.
+    ``loader(model, revision)`` loads one checkpoint (default: ``load_model`` with the analysis's dtype and
+    device). With MLflow on, each checkpoint's analysis run becomes a child of one sweep run, opened first.
+    The sweep folder is staged: it appears whole, or not at all.
     """
-    from mcr_exit.analysis import ablation_plots
     from mcr_exit.analysis.run import analyze
+    from mcr_exit.analysis.run_logs import log_sweep
+    from mcr_exit.analysis.writers import write_sweep_summary
     from mcr_exit.models import load_model
+    from mcr_exit.outputs import staged_output_dir
+    from mcr_exit.tracking import maybe_run, run_name, run_tags
 
+    acfg, revisions = cfg.analysis, list(cfg.revisions)
     steps = checkpoint_steps(revisions)
-    loader = loader or (lambda m, r: load_model(m, revision=r, dtype=cfg.dtype, device=cfg.device))
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    def work(parent) -> SweepResult:
-        rows, tables, run_ids = [], {}, {}
-        for rev in revisions:
-            model_arg, rev_arg = resolve_checkpoint(cfg.model, rev)
-            loaded = loader(model_arg, rev_arg)
-            loaded = dataclasses.replace(loaded, spec=dataclasses.replace(loaded.spec, revision=rev))
-            sub = dataclasses.replace(cfg, revision=rev, output_dir=str(output_dir / rev.replace("/", "_")))
-            res = analyze(sub, loaded=loaded)
-            if parent is not None and res.run_id:
-                parent.client.set_tag(res.run_id, "mlflow.parentRunId", parent.run_id)
-                parent.client.set_tag(res.run_id, "mcr_exit.sweep_step", str(steps[rev]))
-            run_ids[rev] = res.run_id
-            tables[rev] = pd.DataFrame(res.profile["layers"])
-            rows.append(_row(rev, steps[rev], res.profile, res.run_id))
-        table = pd.DataFrame(rows).sort_values("step").reset_index(drop=True)
-        staging = Path(tempfile.mkdtemp(prefix=".sweep.", dir=output_dir))
-        try:
-            table.to_csv(staging / "sweep.csv", index=False)
-            if cfg.plots:
-                ablation_plots.plot_training_sweep(tables, steps, f"{cfg.model or 'built-in model'}: checkpoints",
-                                                   staging / "training_sweep.png")
-            if parent is not None:
-                parent.log_series([(int(r["step"]), {k: r[k] for k in ("peak_norm_ratio", "min_entropy",
-                                                                         "max_sink_rate", "peak_bos_norm")})
-                                   for r in table.to_dict(orient="records")])
-                parent.log_artifacts(staging)
-            for f in staging.iterdir():
-                shutil.move(str(f), output_dir / f.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return SweepResult(table=table, run_ids=run_ids, parent_run_id=parent.run_id if parent else None,
-                           output_dir=output_dir)
-
-    if not cfg.mlflow:
-        return work(None)
-    from mcr_exit.tracking import tracked_run
-
-    with tracked_run(tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
-                     run_name=f"sweep {cfg.model or 'built-in'}", tags={"mcr_exit.command": "sweep"}) as parent:
-        parent.log_params({"model": cfg.model or "built-in", "revisions": ",".join(revisions)})
-        return work(parent)
+    loader = loader or (lambda m, r: load_model(m, revision=r, dtype=acfg.dtype, device=acfg.device))
+    output_dir = Path(cfg.output_dir)
+    model = acfg.model or "built-in"
+    with maybe_run(acfg.mlflow, tracking_uri=acfg.tracking_uri, experiment=acfg.experiment,
+                   run_name=run_name("sweep", Path(model).name, bos=acfg.bos, data=acfg.data and Path(acfg.data).name,
+                                     dtype=acfg.dtype,
+                                     extra=f"{len(revisions)} checkpoints"),
+                   tags=run_tags("sweep", model=model, bos=acfg.bos, dtype=acfg.dtype)) as parent:
+        if parent is not None:
+            parent.log_params({"model": model, "revisions": ",".join(revisions)})
+        with staged_output_dir(output_dir) as staging:
+            rows, tables, run_ids = [], {}, {}
+            for rev in revisions:
+                model_arg, rev_arg = resolve_checkpoint(acfg.model, rev)
+                loaded = loader(model_arg, rev_arg)
+                loaded = dataclasses.replace(loaded, spec=dataclasses.replace(loaded.spec, revision=rev))
+                sub = dataclasses.replace(acfg, revision=rev, output_dir=str(staging / rev.replace("/", "_")))
+                res = analyze(sub, loaded=loaded)
+                if parent is not None and res.run_id:
+                    parent.adopt_child(res.run_id, {"mcr_exit.sweep_step": str(steps[rev])})
+                run_ids[rev] = res.run_id
+                tables[rev] = pd.DataFrame(res.profile["layers"])
+                rows.append(_row(rev, steps[rev], res.profile, res.run_id))
+            table = pd.DataFrame(rows).sort_values("step").reset_index(drop=True)
+            write_sweep_summary(table, tables, steps, staging, title=f"{model}: checkpoints", plots=acfg.plots)
+        if parent is not None:
+            log_sweep(parent, table, output_dir)
+    return SweepResult(table=table, run_ids=run_ids, parent_run_id=parent.run_id if parent else None,
+                       output_dir=output_dir)

@@ -17,7 +17,7 @@ def choose_layer_command(profile_path, lens_file, lmeval_file, probe_file, mteb_
     """Set embedding_layer from embedding-task evidence (MTEB, else probes); otherwise keep the default."""
     from pathlib import Path
 
-    from mcr_exit.analysis.profile import read_profile
+    from mcr_exit.phase_profile import read_profile
     from mcr_exit.evaluation.choose import apply_evidence, embedding_evidence, update_profile_file
     from mcr_exit.evaluation.plots import figure8
     from mcr_exit.evaluation.results import read_curve

@@ -45,9 +45,13 @@ def output_dir_for(output_dir: str | None, command: str, model_name: str) -> Pat
 
 
 def load_for_eval(model, revision, dtype, device):
+    """Load the model, then open the command's MLflow run (before the work; see tracking.command_run)."""
     from mcr_exit.models import load_model
+    from mcr_exit.tracking import open_command_run
 
-    return load_model(model, revision=revision, dtype=dtype, device=device)
+    loaded = load_model(model, revision=revision, dtype=dtype, device=device)
+    open_command_run(model=loaded.spec.name, revision=loaded.spec.revision, dtype=loaded.spec.dtype)
+    return loaded
 
 
 def finish(doc: dict, out: Path, *, no_mlflow: bool, tracking_uri, experiment: str, params: dict) -> str:
@@ -57,5 +61,8 @@ def finish(doc: dict, out: Path, *, no_mlflow: bool, tracking_uri, experiment: s
     path = write_curve(doc, out)
     if no_mlflow:
         return f"results: {path}"
-    run_id = log_curve(doc, out, tracking_uri=tracking_uri, experiment=experiment, params=params)
+    from mcr_exit.tracking import command_run_logger
+
+    run_id = log_curve(doc, out, tracking_uri=tracking_uri, experiment=experiment, params=params,
+                       logger=command_run_logger())
     return f"results: {path}; MLflow run {run_id}"

@@ -6,6 +6,7 @@ import click
 
 from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
 from mcr_exit.cli.options import model_options, tracking_options
+from mcr_exit.tracking import command_run
 
 
 @click.command("lens")
@@ -21,6 +22,7 @@ from mcr_exit.cli.options import model_options, tracking_options
 @click.option("--bos", type=click.Choice(["auto", "force", "none"]), default="auto", show_default=True)
 @eval_options
 @tracking_options
+@command_run("lens")
 def lens_command(model, revision, dtype, device, data, field, window, max_windows, batch_size, chunk_tokens, bos,
                  layers, output_dir, tracking_uri, experiment, no_mlflow):
     """Next-token cross-entropy, perplexity and entropy of the LogitLens at every layer."""

@@ -6,6 +6,7 @@ import click
 
 from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
 from mcr_exit.cli.options import model_options, tracking_options
+from mcr_exit.tracking import command_run
 
 
 @click.command("lmeval")
@@ -20,6 +21,7 @@ from mcr_exit.cli.options import model_options, tracking_options
 @click.option("--bos", type=click.Choice(["auto", "force", "none"]), default="auto", show_default=True)
 @eval_options
 @tracking_options
+@command_run("lmeval")
 def lmeval_command(model, revision, dtype, device, tasks, task_files, include_defaults, limit, batch_size, bos, layers,
                    output_dir, tracking_uri, experiment, no_mlflow):
     """Accuracy per layer of lm-eval tasks, scored by lm-eval itself on the lens logits."""

@@ -6,6 +6,7 @@ import click
 
 from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
 from mcr_exit.cli.options import model_options, tracking_options
+from mcr_exit.tracking import command_run
 
 
 @click.command("mteb")
@@ -21,6 +22,7 @@ from mcr_exit.cli.options import model_options, tracking_options
               help="Set embedding_layer in this profile to the best-scoring layer (with the evidence).")
 @eval_options
 @tracking_options
+@command_run("mteb")
 def mteb_command(model, revision, dtype, device, tasks, custom, pooling, no_normalize, max_length, bos, profile_path,
                  layers, output_dir, tracking_uri, experiment, no_mlflow):
     """Embeddings at every layer scored by mteb; every layer's features from one forward pass per batch."""

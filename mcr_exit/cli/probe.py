@@ -6,6 +6,7 @@ import click
 
 from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
 from mcr_exit.cli.options import model_options, tracking_options
+from mcr_exit.tracking import command_run
 
 
 @click.command("probe")
@@ -24,6 +25,7 @@ from mcr_exit.cli.options import model_options, tracking_options
 @click.option("--cache-dir", default=None, help="Cache the all-layer features here (reused on a rerun).")
 @eval_options
 @tracking_options
+@command_run("probe")
 def probe_command(model, revision, dtype, device, train_file, test_file, text_field, label_field, max_examples,
                   test_fraction, seed, pooling, c, max_length, bos, cache_dir, layers, output_dir, tracking_uri,
                   experiment, no_mlflow):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcr_exit.analysis.profile import read_profile
+from mcr_exit.phase_profile import read_profile
 from mcr_exit.errors import DataError
 
 

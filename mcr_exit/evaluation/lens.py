@@ -18,12 +18,8 @@ from mcr_exit.models.tokens import collate, pad_id_of, resolve_bos
 
 
 def lens_logits(adapter, hidden: torch.Tensor) -> torch.Tensor:
-    """(..., d) hidden -> (..., V) logits via final norm + unembedding (Gemma's final soft-cap too)."""
-    logits = adapter.unembed(adapter.ln_final(hidden))
-    cap = getattr(getattr(adapter.model, "config", None), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    """(..., d) hidden -> (..., V) logits via the adapter's final norm + unembedding (+ its family's post-processing)."""
+    return adapter.final_logits(hidden)
 
 
 def ce_and_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:

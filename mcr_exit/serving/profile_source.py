@@ -7,8 +7,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mcr_exit.analysis.profile import PROFILE_FILE, read_profile
-from mcr_exit.errors import ConfigError, DataError, McrExitError
+from mcr_exit.errors import ConfigError, DataError
+from mcr_exit.phase_profile import PROFILE_FILE, read_profile
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,21 +30,10 @@ class ProfileSource:
 
 
 def _download(uri: str, tracking_uri: str | None, dst: str) -> Path:
-    """mlflow's own artifact download for runs:/ and models:/ URIs (mlflow is imported lazily)."""
-    try:
-        import mlflow
-    except ImportError as exc:  # pragma: no cover - mlflow is a core dependency
-        raise McrExitError("mlflow is not installed: pip install mlflow") from exc
-    from mcr_exit.tracking import resolve_tracking_uri
+    """mlflow's own artifact download for runs:/ and models:/ URIs (through tracking.py)."""
+    from mcr_exit.tracking import download_artifacts
 
-    uri_resolved = resolve_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(uri_resolved)
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=uri_resolved)
-    except Exception as exc:  # noqa: BLE001 - mlflow raises many types; one line for the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot download phase profile {uri}: {first}") from exc
-    path = Path(local)
+    path = download_artifacts(uri, tracking_uri, dst)
     if path.is_dir():
         found = sorted(path.rglob(PROFILE_FILE), key=lambda p: len(p.parts))
         if not found:

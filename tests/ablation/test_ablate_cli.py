@@ -44,8 +44,8 @@ def test_outputs_and_runs(ablate_run):
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 4
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert "delta_loss" in parents[0].data.metrics
-    hist = client.get_metric_history(children[1].info.run_id, "entropy")
+    assert "summary/delta_loss" in parents[0].data.metrics
+    hist = client.get_metric_history(children[1].info.run_id, "hidden/entropy")
     assert len(hist) == 4  # hidden 0..3 of the 3-block model
 
 

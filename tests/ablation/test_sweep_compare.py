@@ -69,7 +69,7 @@ def test_sweep_one_run_per_checkpoint(sweep):
     assert len(parent) == 1 and len(children) == 2
     assert {r.data.params["revision"] for r in children} == {"step100", "step200"}
     assert all(r.data.tags["mlflow.parentRunId"] == parent[0].info.run_id for r in children)
-    assert [m.step for m in client.get_metric_history(parent[0].info.run_id, "min_entropy")] == [100, 200]
+    assert [m.step for m in client.get_metric_history(parent[0].info.run_id, "checkpoint/min_entropy")] == [100, 200]
 
 
 def test_compare_experiment_logs_its_own_run(sweep, tmp_path):

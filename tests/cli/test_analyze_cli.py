@@ -59,9 +59,9 @@ def test_analyze_writes_outputs_and_a_complete_mlflow_run(tmp_path, tiny_llama_d
                 "tau", "dataset_name", "dataset_sha256", "n_prompts", "package_version"):
         assert key in p, key
     assert p["n_prompts"] == "6" and p["bos_token"] == "<bos>" and p["tau"] == "0.3"
-    history = client.get_metric_history(run.info.run_id, "entropy")
+    history = client.get_metric_history(run.info.run_id, "hidden/entropy")
     assert sorted(m.step for m in history) == list(range(L + 1))
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "sink_rate")) == list(range(L))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "attention/sink_rate")) == list(range(L))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"phase_profile.json", "layers.csv", "figure1_triptych.png"} <= artifacts
     assert run.inputs.dataset_inputs[0].dataset.name == "prompts"

@@ -140,10 +140,20 @@ def test_fused_statistics_equal_the_chunked_softmax(tiny_models, tokenizer):
             torch.testing.assert_close(got["fused"][1][i][real], got["chunked"][1][i][real], atol=1e-4, rtol=1e-4)
 
 
-def test_cpu_pool_spectral_backend_equals_device(tiny_loaded):
+def test_cpu_pool_spectral_backend_equals_device(tiny_loaded, monkeypatch):
+    """The benchmark-only thread-pool backend (benchmarks/spectral_backends.py), registered from outside."""
+    import pathlib
+    import sys
+
     import numpy as np
 
-    from mcr_exit.analysis.collect import collect_statistics
+    from mcr_exit.analysis.collect import REDUCERS, collect_statistics
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+    assert "cpu-pool" not in REDUCERS  # not part of the package
+    monkeypatch.setattr("mcr_exit.analysis.collect.REDUCERS", dict(REDUCERS))
+    sys.modules.pop("spectral_backends", None)
+    import spectral_backends  # noqa: F401
 
     ids = [p for p in PROMPTS]
     a = collect_statistics(tiny_loaded, ids, spectral_backend="device")

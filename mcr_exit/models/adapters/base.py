@@ -1,7 +1,7 @@
 """Architecture adapters: map role names (embed, blocks, attn, mlp, ln_final, unembed) to module paths.
 
-One adapter per architecture family; adding an architecture means adding one file that subclasses
-``ArchitectureAdapter`` and decorates it with ``register``.
+One adapter per architecture family; adding an architecture means adding one file in this package that
+subclasses ``ArchitectureAdapter`` and decorates it with ``register`` (the package imports every file).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from mcr_exit.errors import ModelLoadError
@@ -98,6 +99,11 @@ class ArchitectureAdapter:
     def mlp_residual(self, block_index: int) -> nn.Module:
         """The module whose output the block adds to the residual stream on its MLP branch."""
         return _resolve(self._blocks[block_index], self.mlp_residual_name)
+
+    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) raw last-block output (or any hidden state, for a lens) -> (..., V) next-token logits:
+        the final norm, then the unembedding. Families that post-process their logits override this."""
+        return self.unembed(self.ln_final(hidden))
 
     def attention_index(self) -> dict[int, int]:
         """id(attention module) -> block index j (attention[j] reads hidden[j])."""

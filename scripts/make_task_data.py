@@ -1,4 +1,5 @@
-"""Writes the bundled multiple-choice sets (run once; the .jsonl files are committed).
+"""Writes the bundled multiple-choice sets into mcr_exit/evaluation/tasks/ (run once; the .jsonl files
+are committed): ``python scripts/make_task_data.py``.
 
 Each record: {"question": str, "choices": [str, ...], "answer": index of the right choice}.
 Distractors are drawn with a fixed seed, so the files are reproducible.
@@ -55,4 +56,4 @@ def build(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    build(Path(__file__).parent)
+    build(Path(__file__).resolve().parent.parent / "mcr_exit" / "evaluation" / "tasks")
