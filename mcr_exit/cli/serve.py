@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import click
 
@@ -114,8 +115,11 @@ def run_server(app, engine, *, host: str, port: int, log_level: str = "info") ->
     connections close, and the process exits without waiting for them to finish)."""
     import uvicorn
 
+    stopped = {}
+
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
+            stopped.setdefault("t", time.monotonic())
             engine.scheduler.stop()
             super().handle_exit(sig, frame)
 
@@ -127,3 +131,5 @@ def run_server(app, engine, *, host: str, port: int, log_level: str = "info") ->
         _Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled: the shutdown already happened
         pass
+    if "t" in stopped:
+        click.echo(f"mcr-exit: stopped {time.monotonic() - stopped['t']:.2f} s after the signal", err=True)

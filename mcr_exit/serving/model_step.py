@@ -67,7 +67,6 @@ class ModelStepper:
         types = list(getattr(cfg, "layer_types", None) or [])
         self.layer_types = sorted(set(types)) if "sliding_attention" in types else None
         self.window = getattr(cfg, "sliding_window", None) if self.layer_types else None
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
         self.neg = torch.finfo(self.dtype).min
         self.pool: KVPool | None = None
         self.cache: SlotCache | None = None
@@ -100,11 +99,8 @@ class ModelStepper:
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, d) final-normed hidden states -> (N, V) logits (with the model's final soft-cap)."""
-        x = self.adapter.unembed(hidden)
-        if self.softcap:
-            x = torch.tanh(x / self.softcap) * self.softcap
-        return x
+        """(N, d) final-normed hidden states -> (N, V) logits (with a family's post-processing, e.g. a soft-cap)."""
+        return self.adapter.logits_from_normed(hidden)
 
     # ---- the pool ---------------------------------------------------------------------------
     def layer_shapes(self) -> list[LayerShape]:
@@ -188,17 +184,18 @@ class ModelStepper:
         _register_decode_attention()
         self.positions.zero_()
         self.tokens.zero_()
+        step = self._decode_eager
         mempool = torch.cuda.graph_pool_handle()
         for B in reversed(self.batch_buckets):
             for span in reversed(self.span_buckets):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    self._decode_eager(B, span)
+                    step(B, span)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=mempool):
-                    out = self._decode_eager(B, span)
+                    out = step(B, span)
                 self.graphs[(B, span)] = (graph, out)
         torch.cuda.synchronize()
         self.use_graphs = True

@@ -178,6 +178,7 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
                        "generation_stall_timeout_s": engine.config.stall_timeout_s,
                        "kv_slot_wait_s": engine.config.queue_timeout_s},
             "kv_cache": {k: v for k, v in engine.startup_report.items() if k.startswith("kv_")},
+            "startup": engine.startup_report,
         }
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "mcr-exit",
                                             "mcr_exit": info} for name in names]}

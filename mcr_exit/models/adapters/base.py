@@ -102,8 +102,13 @@ class ArchitectureAdapter:
 
     def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., d) raw last-block output (or any hidden state, for a lens) -> (..., V) next-token logits:
-        the final norm, then the unembedding. Families that post-process their logits override this."""
-        return self.unembed(self.ln_final(hidden))
+        the final norm, then ``logits_from_normed``."""
+        return self.logits_from_normed(self.ln_final(hidden))
+
+    def logits_from_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """(..., d) final-normed hidden state (the backbone's output) -> (..., V) logits: the unembedding.
+        Families that post-process their logits override this."""
+        return self.unembed(normed)
 
     def attention_index(self) -> dict[int, int]:
         """id(attention module) -> block index j (attention[j] reads hidden[j])."""

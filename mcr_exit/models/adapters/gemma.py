@@ -7,9 +7,9 @@ from mcr_exit.models.adapters.base import ArchitectureAdapter, register
 
 
 class _GemmaFamily(ArchitectureAdapter):
-    def final_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm, unembedding, then the final soft-cap cap * tanh(logits / cap) when configured."""
-        logits = super().final_logits(hidden)
+    def logits_from_normed(self, normed: torch.Tensor) -> torch.Tensor:
+        """Unembedding, then the final soft-cap cap * tanh(logits / cap) when configured."""
+        logits = super().logits_from_normed(normed)
         cap = getattr(getattr(self.model, "config", None), "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
