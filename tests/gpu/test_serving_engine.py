@@ -44,11 +44,14 @@ def _engine_tokens(loaded, cuda_graphs: bool, max_tokens: int) -> tuple[list[lis
 
 
 def _generate(model, tokenizer, ids: list[int], max_tokens: int) -> list[int]:
+    """Greedy ``generate`` with the engine's end-of-sequence ids (the tokenizer's and the model's own)."""
+    from mcr_exit.serving.engine import eos_ids_of
+
+    eos = sorted(eos_ids_of(model, tokenizer))
     x = torch.tensor([ids], device="cuda")
     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[0, len(ids):]
-    out = out.tolist()
-    return out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)[0, len(ids):].tolist()
+    return next((out[:i] for i, t in enumerate(out) if t in eos), out)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -64,6 +67,8 @@ def test_graph_decode_matches_generate(family, tokenizer):
     pairs = [(a, b) for run in (graphs, eager) for a, b in zip(run, ref)]
     same = sum(x == y for a, b in pairs for x, y in zip(a, b))
     total = sum(max(len(a), len(b)) for a, b in pairs)
-    print(f"{family}: {same}/{total} greedy tokens identical to generate; {report}")
-    assert same / total >= 0.8
+    firsts = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in pairs]
+    print(f"{family}: {same}/{total} greedy tokens identical to generate; first differing position per prompt "
+          f"(graphs, then eager): {firsts}; {report}")
+    assert same / total >= 0.95
     assert all(a[:4] == b[:4] for a, b in pairs)

@@ -95,3 +95,113 @@ def client(server):
     import openai
 
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+# ---- engine helpers shared by the scheduler, equality and shutdown tests ---------------------------
+def greedy_reference(loaded, prompts: list[list[int]], max_new_tokens: int, eos_ids) -> list[list[int]]:
+    """transformers ``generate`` (greedy) per prompt, cut before the first EOS. Prompts of one length run
+    as one batch without padding, so the reference is exactly what ``generate`` gives one prompt alone."""
+    import torch
+
+    out: list = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    eos = sorted(eos_ids)
+    with torch.inference_mode():
+        for n, idx in by_len.items():
+            ids = torch.tensor([prompts[i] for i in idx])
+            gen = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                        pad_token_id=loaded.tokenizer.pad_token_id)
+            for row, i in enumerate(idx):
+                toks = gen[row, n:].tolist()
+                cut = next((j for j, t in enumerate(toks) if t in eos), len(toks))
+                out[i] = toks[:cut]
+    return out
+
+
+@contextmanager
+def engine_held(engine, prompt: str = "hold the engine"):
+    """Stop both lanes: a generation's ``on_text`` callback blocks inside its prefill, which holds the
+    forward lock, until the block exits. Generation requests then wait in the queue; the embedding lane
+    takes at most one batch and waits for the lock."""
+    from mcr_exit.serving.jobs import GenerationRequest
+
+    release, holding = threading.Event(), threading.Event()
+    tokens_at_hold = []
+
+    def hold(_text):
+        if not holding.is_set():
+            tokens_at_hold.extend(len(r.tracker.ids) for r in engine.scheduler.rows.values()
+                                  if r.handle.req.on_text is hold)
+        holding.set()
+        release.wait(60)
+
+    ids = engine.encode_texts([prompt])[0]
+    handle = engine.submit_generate(GenerationRequest(prompt_ids=ids, max_tokens=4, temperature=0, on_text=hold))
+    try:
+        if not holding.wait(60):
+            raise RuntimeError("the engine thread never reached the blocking callback")
+        if tokens_at_hold != [1]:  # a later token's callback runs outside the forward lock
+            raise RuntimeError("the prompt's first token has no text: pick another prompt for engine_held")
+        yield handle
+    finally:
+        release.set()
+    handle.future.result(60)
+
+
+def submissions(monkeypatch, engine, n: int) -> threading.Event:
+    """An event set once ``n`` requests (embedding or generation) have reached the scheduler."""
+    sched, done, count = engine.scheduler, threading.Event(), [0]
+    lock = threading.Lock()
+
+    def counted(real):
+        def submit(item):
+            real(item)
+            with lock:
+                count[0] += 1
+                if count[0] >= n:
+                    done.set()
+        return submit
+
+    monkeypatch.setattr(sched, "submit_embed", counted(sched.submit_embed))
+    monkeypatch.setattr(sched, "submit_generation", counted(sched.submit_generation))
+    return done
+
+
+@contextmanager
+def started(engine):
+    """A started engine (warm-up done) for tests that drive it without HTTP; stopped afterwards."""
+    engine.start()
+    if not engine.wait_ready(120):
+        raise RuntimeError("engine warm-up did not finish")
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+def slow_decode(monkeypatch, engine, seconds: float) -> None:
+    """Give every decode step a fixed extra cost (a CPU stand-in for a model big enough to take time)."""
+    real, pause = engine.stepper.decode, threading.Event()
+
+    def decode(tokens, positions):
+        pause.wait(seconds)  # never set: a fixed delay per step
+        return real(tokens, positions)
+
+    monkeypatch.setattr(engine.stepper, "decode", decode)
+
+
+def on_release(monkeypatch, engine, n_free: int) -> threading.Event:
+    """An event set when a KV slot release leaves ``n_free`` slots free."""
+    pool, done = engine.stepper.pool, threading.Event()
+    real = pool.release
+
+    def release(slot):
+        real(slot)
+        if pool.n_free >= n_free:
+            done.set()
+
+    monkeypatch.setattr(pool, "release", release)
+    return done

@@ -1,18 +1,18 @@
-"""Bearer API key on every route but /health; 429 from a full queue; 504 on timeouts."""
+"""Bearer API key on every route but /health; 429 from full queues; 504 when an embedding takes too long."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
 from mcr_exit.serving.app import create_app
-from mcr_exit.serving.errors import RequestTimeout
-from mcr_exit.serving.generation import GenerationRequest
-from tests.serving.conftest import build_engine, running_server
+from mcr_exit.serving.jobs import GenerationRequest
+from tests.serving.conftest import build_engine, engine_held, running_server, submissions
 
 MODEL = "tiny-llama"
 
@@ -47,35 +47,33 @@ def test_openai_client_with_and_without_key(auth_server):
         bad.embeddings.create(model=MODEL, input="hello")
 
 
-def test_full_queue_is_429_and_slow_request_is_504(tiny4, tiny4_profile):
-    engine = build_engine(tiny4, tiny4_profile, max_queue=2, request_timeout_s=1.0)
-    release, holding = threading.Event(), threading.Event()
-
-    def hold(_text):  # runs on the worker thread: keeps it busy until the test lets go
-        holding.set()
-        release.wait(30)
-
+def test_full_queues_are_429_and_slow_embedding_is_504(tiny4, tiny4_profile, monkeypatch):
+    engine = build_engine(tiny4, tiny4_profile, max_queue=2, max_queue_tokens=12, request_timeout_s=1.0)
     with running_server(create_app(engine)) as url:
-        ids = engine.encode_texts(["hold the worker"])[0]
-        blocker = engine.submit_generate(GenerationRequest(prompt_ids=ids, max_tokens=2, temperature=0,
-                                                           on_text=hold))
-        assert holding.wait(30)
-        try:
-            queued = engine.submit_generate(GenerationRequest(prompt_ids=ids, max_tokens=1, temperature=0))
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        ids = engine.encode_texts(["hold the engine"])[0]
+        with engine_held(engine):  # both lanes stop
+            queued = [engine.submit_generate(GenerationRequest(prompt_ids=ids, max_tokens=1, temperature=0))
+                      for _ in range(2)]
+            with pytest.raises(openai.RateLimitError) as e:  # 2 generations wait: the third is refused
+                client.completions.create(model=MODEL, prompt="hi", max_tokens=2, stream=True)
+            assert e.value.body["code"] == "queue_full" and engine.is_overloaded()
+            # the embedding lane takes this one and waits for the forward lock: 504 after 1 s in total
             r = httpx.post(url + "/v1/embeddings", json={"input": "waits"}, timeout=30)
             assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
-            r = httpx.post(url + "/v1/embeddings", json={"input": "no room"}, timeout=30)
-            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
-            client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-            with pytest.raises(openai.RateLimitError):
-                client.completions.create(model=MODEL, prompt="hi", max_tokens=2, stream=True)
-            assert engine.is_overloaded()
-        finally:
-            release.set()
-        assert blocker.future.result(30).completion_tokens >= 1
-        with pytest.raises(RequestTimeout):  # it waited past its deadline: dropped, never run
-            queued.future.result(30)
+            queued_embedding = submissions(monkeypatch, engine, 1)
+            with ThreadPoolExecutor(1) as pool:  # this one (6 tokens) stays in the queue (12 at most) ...
+                fills = pool.submit(httpx.post, url + "/v1/embeddings", json={"input": "fills"},
+                                    timeout=30)
+                assert queued_embedding.wait(30) and engine.scheduler.queued_tokens > 0
+                r = httpx.post(url + "/v1/embeddings", json={"input": "no room"}, timeout=30)  # 6 + 8 > 12
+                assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"  # ... so this is 429
+                assert fills.result(30).status_code == 504
+        for q in queued:  # once the engine runs again, the waiting requests complete
+            assert q.future.result(30).completion_tokens == 1
+        assert engine.stepper.pool.n_used == 0
         assert httpx.post(url + "/v1/embeddings", json={"input": "fine again"}).status_code == 200
+        assert engine.scheduler.queued_tokens == 0
         metrics = httpx.get(url + "/metrics").text
         assert 'status="429"' in metrics and 'status="504"' in metrics
 
@@ -89,11 +87,11 @@ def test_not_ready_engine_refuses_with_503(tiny4, tiny4_profile):
 
 
 def test_readiness_follows_warm_up(tiny4, tiny4_profile, monkeypatch):
-    import mcr_exit.serving.worker as worker
+    from mcr_exit.serving.engine import Engine
 
     gate = threading.Event()
-    real_warm_up = worker.warm_up
-    monkeypatch.setattr(worker, "warm_up", lambda engine: (gate.wait(30), real_warm_up(engine)))
+    real_warm_up = Engine._warm_up
+    monkeypatch.setattr(Engine, "_warm_up", lambda self: (gate.wait(30), real_warm_up(self)))
     engine = build_engine(tiny4, tiny4_profile)
     with running_server(create_app(engine, api_key="k"), wait_engine=False) as url:
         assert httpx.get(url + "/health").json() == {"status": "ok", "ready": False}

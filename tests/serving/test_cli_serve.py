@@ -13,22 +13,26 @@ from tests.serving.conftest import make_profile, running_server
 
 
 def test_serve_starts_and_answers(tmp_path, tiny_llama_dir, monkeypatch):
-    import uvicorn
+    import mcr_exit.cli.serve as serve_module
 
     profile = make_profile(tmp_path / "phase_profile.json", name=tiny_llama_dir.name, model_type="llama",
                            n_layers=3, hidden_size=64, k=1)
     seen = {}
 
-    def fake_run(app, host, port, **_kw):  # run the real app on a free port instead of blocking on 8000
-        seen["bind"] = (host, port)
+    def fake_run(app, engine, *, host, port):  # run the real app on a free port instead of blocking on 8000
+        seen["bind"], seen["engine"] = (host, port), engine
         with running_server(app) as url:
             seen["models"] = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
             seen["noauth"] = httpx.get(url + "/v1/models").status_code
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(serve_module, "run_server", fake_run)
     monkeypatch.setenv("MCR_EXIT_API_KEY", "k")
-    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir), "--profile", str(profile)])
+    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir), "--profile", str(profile),
+                                  "--kv-cache-tokens", "8192", "--max-input-tokens", "100", "--max-new-tokens", "28"])
     assert r.exit_code == 0, r.output
+    cfg = seen["engine"].config
+    assert (cfg.kv_cache_tokens, cfg.max_input_tokens, cfg.max_new_tokens) == (8192, 100, 28)
+    assert seen["models"]["data"][0]["mcr_exit"]["kv_cache"]["kv_slots"] == 64  # 8192 // 128, capped by max_running
     assert seen["bind"] == ("127.0.0.1", 8000)  # loopback by default
     assert seen["models"]["data"][0]["mcr_exit"]["embedding_layer"] == 1 and seen["noauth"] == 401
 

@@ -11,8 +11,8 @@ CODE = """
 import sys, runpy
 for m in ('fastapi', 'uvicorn', 'mlflow', 'starlette', 'vllm'):
     sys.modules[m] = None  # import fails, find_spec reports absent
-import mcr_exit.serving.engine, mcr_exit.serving.worker
-assert 'run' in runpy.run_path('benchmarks/bench_serving.py')
+import mcr_exit.serving.engine, mcr_exit.serving.scheduler, mcr_exit.serving.jobs
+assert callable(runpy.run_path('benchmarks/bench_serving.py').get('main'))
 from mcr_exit.serving.app import create_app
 try:
     create_app(None)

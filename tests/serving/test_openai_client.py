@@ -8,12 +8,14 @@ import pytest
 
 from mcr_exit.models.forward import hidden_at
 from mcr_exit.models.tokens import collate
-from mcr_exit.serving.pooling import pool_hidden
+from mcr_exit.metrics.pooling import pool_hidden
+from mcr_exit.serving.engine import eos_ids_of
+from tests.serving.conftest import engine_held, greedy_reference, submissions
 
 MODEL = "tiny-llama"
 
 
-def reference(engine, ids, layer, pooling="mean", normalize=True):
+def reference(engine, ids, layer, pooling="mean_no_first", normalize=True):
     """What the analysis side sees: hidden[layer] by the one early-exit path, pooled the same way."""
     x, mask = collate(ids, engine.pad_id)
     return pool_hidden(hidden_at(engine.loaded.adapter, x, mask, layer), mask, pooling, normalize=normalize).numpy()
@@ -88,12 +90,16 @@ def test_stop_string_cuts_the_text(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
-def test_chat_completion(client):
-    r = client.chat.completions.create(model=MODEL, max_tokens=5, temperature=0,
-                                       messages=[{"role": "system", "content": "Be brief."},
-                                                 {"role": "user", "content": "How many apples?"}])
-    assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
-    assert r.usage.completion_tokens <= 5
+def test_chat_completion(client, server):
+    engine = server[1]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How many apples?"}]
+    r = client.chat.completions.create(model=MODEL, max_tokens=5, temperature=0, messages=msgs)
+    ids = engine.encode_chat(msgs)  # what the route tokenizes; the reference is transformers' generate
+    want = greedy_reference(engine.loaded, [ids], 5, eos_ids_of(engine.loaded.model, engine.loaded.tokenizer))[0]
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == engine.loaded.tokenizer.decode(want, skip_special_tokens=True)
+    assert r.usage.completion_tokens == len(want) and r.usage.prompt_tokens == len(ids)
+    assert r.choices[0].finish_reason == ("length" if len(want) == 5 else "stop")
 
 
 def test_streaming_equals_non_streaming(client):
@@ -136,13 +142,20 @@ def test_models_health_and_metrics(client, server):
         assert name in text
 
 
-def test_many_concurrent_clients(client, server):
+def test_many_concurrent_clients(client, server, monkeypatch):
+    """24 embedding and 8 completion clients at once, queued while the engine is held: the embeddings run
+    in at most 2 forward batches (the lane may have taken the first request before it blocked), the
+    completions share prefills and decode steps; every result equals its unbatched reference."""
     from concurrent.futures import ThreadPoolExecutor
 
     engine = server[1]
     texts = [f"prompt number {i} about rivers and bees" for i in range(24)]
-    expected = reference(engine, [engine.encode_texts([t])[0] for t in texts], 2)
-    batches_before = engine.metrics.get("mcr_exit_batches_total", kind="embedding")
+    ids = [engine.encode_texts([t])[0] for t in texts]
+    expected = np.concatenate([reference(engine, [x], 2) for x in ids])  # one input per forward
+    eos = eos_ids_of(engine.loaded.model, engine.loaded.tokenizer)
+    greedy = greedy_reference(engine.loaded, ids[:8], 4, eos)
+    before = {kind: engine.metrics.get("mcr_exit_batches_total", kind=kind) for kind in ("embedding", "prefill",
+                                                                                           "decode")}
 
     def embed(i):
         return vectors(client.embeddings.create(model=MODEL, input=texts[i], encoding_format="float"))[0]
@@ -150,9 +163,17 @@ def test_many_concurrent_clients(client, server):
     def complete(i):
         return client.completions.create(model=MODEL, prompt=texts[i], max_tokens=4, temperature=0).choices[0].text
 
-    with ThreadPoolExecutor(12) as pool:
-        got = list(pool.map(embed, range(24)))
-        gens = list(pool.map(complete, range(8)))
+    all_queued = submissions(monkeypatch, engine, 32)
+    with ThreadPoolExecutor(32) as pool:
+        with engine_held(engine):
+            got = [pool.submit(embed, i) for i in range(24)]
+            gens = [pool.submit(complete, i) for i in range(8)]
+            assert all_queued.wait(60)
+        got, gens = [f.result(60) for f in got], [f.result(60) for f in gens]
     np.testing.assert_allclose(np.stack(got), expected, atol=1e-5)  # batching changes nothing
-    assert len(gens) == 8 and all(isinstance(g, str) for g in gens)
-    assert engine.metrics.get("mcr_exit_batches_total", kind="embedding") - batches_before <= 24
+    assert gens == [engine.loaded.tokenizer.decode(g, skip_special_tokens=True) for g in greedy]
+    delta = {k: engine.metrics.get("mcr_exit_batches_total", kind=k) - v for k, v in before.items()}
+    # 8 KV slots, the holder in one: its prefill, 7 prompts in one prefill, the 8th when the holder is done
+    assert delta["embedding"] <= 2 and delta["prefill"] <= 3
+    assert delta["decode"] <= 8  # 27 decoded tokens (8 x 3 and the holder's 3) in at most 8 shared steps
+    assert engine.stepper.pool.n_used == 0 and not engine.scheduler.rows

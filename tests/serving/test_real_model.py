@@ -8,7 +8,7 @@ import pytest
 from mcr_exit.models.forward import hidden_at
 from mcr_exit.models.tokens import collate
 from mcr_exit.serving.app import create_app
-from mcr_exit.serving.pooling import pool_hidden
+from mcr_exit.metrics.pooling import pool_hidden
 from tests.serving.conftest import build_engine, make_profile, running_server
 
 pytestmark = pytest.mark.real_model
@@ -29,7 +29,7 @@ def test_smollm2_embeddings_chat_and_stream(real_model, tmp_path):
         ids = engine.encode_texts(texts)
         assert all(x[0] == real_model.tokenizer.convert_tokens_to_ids("<|im_start|>") for x in ids)
         x, mask = collate(ids, engine.pad_id)
-        ref = pool_hidden(hidden_at(real_model.adapter, x, mask, 19), mask).numpy()
+        ref = pool_hidden(hidden_at(real_model.adapter, x, mask, 19), mask, normalize=True).numpy()
         np.testing.assert_allclose(got, ref, atol=1e-4)
         msgs = [{"role": "user", "content": "What is 2 + 2? Answer with one number."}]
         chat = client.chat.completions.create(model=real_model.spec.name, messages=msgs, max_tokens=8,

@@ -8,7 +8,7 @@ import types
 from types import SimpleNamespace
 
 from mcr_exit.serving import Engine, EngineConfig
-from mcr_exit.serving.generation import GenerationRequest
+from mcr_exit.serving.jobs import GenerationRequest
 
 
 class _FakeLLM:
