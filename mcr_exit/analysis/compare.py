@@ -55,7 +55,7 @@ def select_runs(client, *, run_ids=(), experiment: str | None = None, models=())
                 raise ConfigError(f"MLflow run '{r.info.run_id}' is not an mcr-exit analyze run")
         return runs
     if not models and experiment is None:
-        raise ConfigError("compare needs --run, --experiment or --model")
+        raise ConfigError("compare needs --run, --experiment or --run-model")
     found = client.search_runs(_experiment_ids(client, experiment), ANALYZE_FILTER,
                                order_by=["attributes.start_time DESC"], max_results=5000)
     latest: dict[tuple[str, str], object] = {}

@@ -149,8 +149,12 @@ class LmevalSweep:
 
 
 def lmeval_sweep(loaded, tasks: list[str], *, layers=None, task_files: list[str] | None = None, limit=None,
-                 batch_size: int = 8, bos: str = "auto", include_defaults: bool = False) -> LmevalSweep:
-    """lm-eval at every requested hidden index (each run executes only the first k blocks)."""
+                 batch_size: int = 8, bos: str = "auto", include_defaults: bool = False,
+                 progress_factory=None) -> LmevalSweep:
+    """lm-eval at every requested hidden index (each run executes only the first k blocks).
+
+    progress_factory(total) -> update(n), if given, is told each time a layer is done.
+    """
     from mcr_exit.evaluation.features import check_layers
 
     wanted = check_layers(layers, loaded.adapter.n_layers)
@@ -164,6 +168,11 @@ def lmeval_sweep(loaded, tasks: list[str], *, layers=None, task_files: list[str]
         if n not in known:
             raise ConfigError(f"lm-eval does not know the task '{n}' (bundled: {', '.join(BUNDLED_TASKS)}; "
                               "use --include-defaults for lm-eval's own tasks)")
-    scores = [evaluate_layer(loaded, k, names, tm=tm, limit=limit, batch_size=batch_size, bos=bos) for k in wanted]
+    advance = progress_factory(len(wanted)) if progress_factory else None
+    scores = []
+    for k in wanted:
+        scores.append(evaluate_layer(loaded, k, names, tm=tm, limit=limit, batch_size=batch_size, bos=bos))
+        if advance:
+            advance(1)
     return LmevalSweep(layers=wanted, tasks=names, scores=scores,
                        config={"limit": limit, "batch_size": batch_size, "bos": bos})
