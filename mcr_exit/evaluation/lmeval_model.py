@@ -8,6 +8,7 @@ CLI:     ``python -m mcr_exit.evaluation.lmeval_cli --model mcr-exit-lens --mode
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +71,9 @@ def _build_lens_class():
     class LensLM(HFLM):
         """HFLM whose logits are unembed(ln_final(hidden[layer])), computed through run_blocks.
 
-        model_args: layer (hidden index, default = last), model (id, folder or .gguf; default the
-        built-in SmolLM2), revision, dtype, bos (auto|force|none), batch_size, max_length.
+        model_args: layer (hidden index, default = last), model (id, folder or .gguf; default
+        $MCR_EXIT_MODEL, else the built-in SmolLM2, as for ``mcr-exit``), revision, dtype, bos
+        (auto|force|none), batch_size, max_length.
         """
 
         def __init__(self, pretrained=None, *, layer=None, model=None, loaded=None, revision=None, dtype="auto",
@@ -81,6 +83,7 @@ def _build_lens_class():
 
             if loaded is None:
                 src = model or (pretrained if isinstance(pretrained, str) and pretrained else None)
+                src = src or os.environ.get("MCR_EXIT_MODEL") or None
                 loaded = load_model(src, revision=revision, dtype=dtype, device=device)
             self.loaded = loaded
             L = loaded.adapter.n_layers
