@@ -7,9 +7,12 @@ CLI:     ``python -m mcr_exit.evaluation.lmeval_cli --model mcr-exit-lens --mode
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 import tempfile
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,14 +127,43 @@ def lens_lm_class():
     return _LENS_CLASS
 
 
+@contextmanager
+def quiet_stderr(keep_chars: int = 8000):
+    """Hold back what is written to stderr (Python's and the file descriptor's) and show it only on error.
+
+    For every layer lm-eval writes progress bars, the same warnings and git's complaints about the
+    working directory; the sweep's own progress bar says what matters.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as raw, io.StringIO() as text:
+        os.dup2(raw.fileno(), 2)
+        failed = True
+        try:
+            with redirect_stderr(text):
+                yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                raw.seek(0)
+                held = raw.read().decode("utf-8", "replace") + text.getvalue()
+                sys.stderr.write(held[-keep_chars:])
+
+
 def evaluate_layer(loaded, layer: int, tasks: list[str], *, tm=None, limit=None, batch_size: int = 8,
-                   bos: str = "auto") -> dict[str, float]:
-    """Accuracy (acc and acc_norm) per task at one hidden index, through lm-eval's own evaluator."""
+                   bos: str = "auto", quiet: bool = True) -> dict[str, float]:
+    """Accuracy (acc and acc_norm) per task at one hidden index, through lm-eval's own evaluator.
+
+    quiet: hold back lm-eval's own output (progress bars, warnings) unless the layer fails.
+    """
     import lm_eval
 
-    lm = lens_lm_class()(loaded=loaded, layer=layer, bos=bos, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm or task_manager(), limit=limit,
-                                  log_samples=False, verbosity="ERROR", bootstrap_iters=0)
+    with quiet_stderr() if quiet else nullcontext():
+        lm = lens_lm_class()(loaded=loaded, layer=layer, bos=bos, batch_size=batch_size)
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm or task_manager(), limit=limit,
+                                      log_samples=False, verbosity="ERROR", bootstrap_iters=0)
     scores = {}
     for task, res in out["results"].items():
         for key in ("acc", "acc_norm"):
