@@ -42,3 +42,4 @@ def test_model_comes_from_the_environment(tmp_path, tiny_llama_dir):
                            env={"MCR_EXIT_MODEL": str(tiny_llama_dir)})
     assert r.exit_code == 0, r.output
     assert "hidden   3 (100%)" in r.output  # the 3-block tiny model, not the built-in 30-block one
+    assert "lens: 100%" in r.stderr and "2/2" in r.stderr  # a progress bar over the windows

@@ -101,11 +101,28 @@ def test_skips_say_why_and_most_blocks_run():
     assert "lm-eval" in (REPO / "docs/downstream.md").read_text()
 
 
+def _corpus_tokenizer():
+    """Byte-level BPE with a vocabulary learnt on the built-in corpus, so its prompts stay short."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mcr_exit.data.corpus import BUILTIN_PROMPTS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "<eos>", "<bos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(BUILTIN_PROMPTS), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
 @pytest.fixture(scope="module")
-def docs_env(tmp_path_factory, tokenizer):
+def docs_env(tmp_path_factory):
     """PATH with mcr-exit, mcr-exit-lm-eval and python from this checkout; $MCR_EXIT_MODEL = a tiny model."""
     from tests.tiny import build_tiny_model
 
+    tokenizer = _corpus_tokenizer()
     model_dir = tmp_path_factory.mktemp("tiny-llama-30")
     build_tiny_model("llama", len(tokenizer), n_layers=30).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

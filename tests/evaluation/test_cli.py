@@ -97,6 +97,7 @@ def test_mteb_column_names_batch_size_and_pooling_alias(tiny_llama_dir, sentimen
     config = json.loads((out / "mteb.json").read_text())["result"]["config"]
     assert config["batch_size"] == 3 and config["pooling"] == "mean_no_first" and config["max_length"] == 512
     assert "McrExitClassification_renamed" in r.output
+    assert "mteb: 100%" in r.stderr  # a progress bar over layers x tasks
     bad = CliRunner().invoke(main, ["mteb", "--model", str(tiny_llama_dir), "--no-mlflow",
                                     "--custom-task", f"classification:{path}"])
     assert bad.exit_code == 1
