@@ -138,7 +138,7 @@ def find_spike_blocks(loaded: LoadedModel, ids: list[list[int]], max_batch: int 
     if not blocks:
         first = log[0]
         raise ConfigError(
-            f"--blocks auto: no MLP builds a massive activation at position 0 (peak BOS/other norm ratio "
+            f"--blocks auto: no MLP builds a massive activation at position 0 (peak position-0/other norm ratio "
             f"{first['peak_norm_ratio']:.3g} at hidden {first['peak_hidden']}); pass --blocks explicitly")
     return blocks, log
 

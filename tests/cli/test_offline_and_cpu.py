@@ -48,7 +48,10 @@ def test_device_defaults_to_cpu_without_cuda():
 
 
 def _lm_eval_cli(args, cwd):
-    cmd = [sys.executable, "-m", "mcr_exit.evaluation.lmeval_cli", "run", "--model", "mcr-exit-lens", *args]
+    from mcr_exit.evaluation.lmeval_model import TASK_DIR
+
+    cmd = [sys.executable, "-m", "mcr_exit.evaluation.lmeval_cli", "run", "--model", "mcr-exit-lens",
+           "--include_path", str(TASK_DIR), *args]
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
 
 

@@ -44,6 +44,19 @@ def test_bos_none_summary_does_not_call_position_0_bos():
     assert "peak norm ratio position 0 (<|im_start|>) / other tokens 180.5" in with_bos
 
 
+def test_not_found_note_does_not_call_position_0_bos():
+    import numpy as np
+
+    from mcr_exit.analysis.phases import detect_phases
+
+    L = 4
+    p = detect_phases(bos_norm=np.ones(L + 1), norm_ratio=np.full(L + 1, 1.1), entropy=np.ones(L + 1),
+                      entropy_norm=np.full(L + 1, 0.5), sink_rate=np.zeros(L), c=np.ones(L + 1), alpha=np.zeros(L + 1))
+    line = phase_lines(p.as_dict(), L)[0]
+    assert line.startswith("phases not found: no massive activation: peak position-0/other norm ratio")
+    assert "BOS" not in line
+
+
 def test_serve_prints_the_phases_as_analyze_does(tmp_path, tiny_llama_dir, monkeypatch):
     pytest.importorskip("fastapi")
     import uvicorn

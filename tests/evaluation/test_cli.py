@@ -43,7 +43,7 @@ def test_probe_mteb_lmeval_and_choose(tiny_llama_dir, sentiment_tsv, mteb_files,
     r = _run(["mteb", *common, "--custom-task", f"classification:{mteb_files['classification']}",
               "--custom-task", f"sts:{mteb_files['sts']}", "--layers", "0:3:3", "--output-dir", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
-    rows = [line for line in r.output.splitlines() if line.strip().startswith("hidden")]
+    rows = [line for line in r.stdout.splitlines() if line.strip().startswith("hidden")]
     assert len(rows) == 2  # hidden 0 and 3, each with the mean and every task's score
     assert all("McrExitClassification_cls" in row and "McrExitSts_sts" in row for row in rows)
     r = _run(["lmeval", *common, "--task-file", str(mc_file), "--layers", "1,3", "--limit", "3",
