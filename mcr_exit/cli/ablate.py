@@ -119,7 +119,8 @@ def summary_text(outcome, note: str | None) -> str:
               help="Hidden index to clip (default: right after the last ablated block).")
 @click.option("--tau", type=float, default=0.3, show_default=True, help="Sink threshold tau in (0, 1].")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per forward pass.")
-@click.option("--output-dir", default=None, help="Where to write the outputs. Default: ./mcr-exit-runs/ablate-<model>-<time>.")
+@click.option("--output-dir", default=None,
+              help="Where to write the outputs. Default: ./mcr-exit-runs/ablate-<model>-<time>.")
 @click.option("--no-plots", is_flag=True, help="Skip the figures.")
 @tracking_options
 def ablate_command(model, revision, dtype, device, data, field, max_prompts, max_length, bos, layers, clip,

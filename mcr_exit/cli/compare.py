@@ -20,7 +20,8 @@ from mcr_exit.outputs import staged_output_dir
 @click.option("--experiment", default=None, help="Take the analyze runs of this experiment (and log there).")
 @click.option("--log-experiment", default=None, help="Experiment for the comparison run. Default: --experiment or mcr-exit.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db.")
-@click.option("--output-dir", default=None, help="Where to write the outputs. Default: ./mcr-exit-runs/compare-<time>.")
+@click.option("--output-dir", default=None,
+              help="Where to write the outputs. Default: ./mcr-exit-runs/compare-<time>.")
 @click.option("--no-mlflow", is_flag=True, help="Do not log the comparison as a run (still reads runs from MLflow).")
 @click.option("--no-plots", is_flag=True, help="Skip the figure.")
 def compare_command(run_ids, models, experiment, log_experiment, tracking_uri, output_dir, no_mlflow, no_plots):
@@ -65,7 +66,8 @@ def compare_command(run_ids, models, experiment, log_experiment, tracking_uri, o
 @data_options
 @click.option("--tau", type=float, default=0.3, show_default=True, help="Sink threshold tau in (0, 1].")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per forward pass.")
-@click.option("--output-dir", default=None, help="Where to write the outputs. Default: ./mcr-exit-runs/sweep-<time>.")
+@click.option("--output-dir", default=None,
+              help="Where to write the outputs. Default: ./mcr-exit-runs/sweep-<time>.")
 @click.option("--no-plots", is_flag=True, help="Skip the figures.")
 @tracking_options
 def sweep_command(model, revisions, dtype, device, data, field, max_prompts, max_length, bos, tau, batch_size,

@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
-from mcr_exit.cli.options import bos_option, max_length_option, model_options, pooling_option, tracking_options
+from mcr_exit.cli.options import (
+    bos_option,
+    max_length_option,
+    model_options,
+    pooling_option,
+    tracking_options,
+)
 from mcr_exit.vocabulary import EMBEDDING_MAX_LENGTH
 
 

@@ -16,7 +16,8 @@ from mcr_exit.cli import main
 from mcr_exit.evaluation.lmeval_cli import device_args
 
 REPO = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
+       "OMP_NUM_THREADS": "1"}
 
 
 def test_offline_hub_task_fails_before_the_model_loads(tmp_path, monkeypatch):

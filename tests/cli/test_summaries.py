@@ -19,7 +19,8 @@ PHASES = {"found": True, "compress_start": 12, "refine_start": 29, "note": ""}
 def test_phase_ranges_are_inclusive_and_shared():
     assert phase_lines(PHASES, 30) == ["mix      hidden 0..11", "compress hidden 12..28  (40%..97% of depth)",
                                        "refine   hidden 29..30"]
-    assert phase_line(PHASES, 30) == "mix hidden 0..11; compress hidden 12..28 (40%..97% of depth); refine hidden 29..30"
+    assert phase_line(PHASES, 30) == ("mix hidden 0..11; compress hidden 12..28 (40%..97% of depth); "
+                                      "refine hidden 29..30")
     assert phase_lines({"found": False, "note": "no massive activation"}, 30) == [
         "phases not found: no massive activation"]
 
@@ -69,8 +70,8 @@ def test_serve_prints_the_phases_as_analyze_does(tmp_path, tiny_llama_dir, monke
     profile["phases"].update(found=True, compress_start=1, refine_start=2)  # a random model has none
     (out / "phase_profile.json").write_text(json.dumps(profile))
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
-    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir), "--profile", str(out / "phase_profile.json")],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir),
+                                  "--profile", str(out / "phase_profile.json")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "mix hidden 0..0; compress hidden 1..1 (33%..67% of depth); refine hidden 2..3" in r.output
     assert phase_line(profile["phases"], 3) in r.output

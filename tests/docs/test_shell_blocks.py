@@ -133,7 +133,10 @@ def docs_env(tmp_path_factory):
     (bin_dir / "python").symlink_to(sys.executable)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=str(REPO), MCR_EXIT_MODEL=str(model_dir),
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               # one thread per process: a tiny model gains nothing from more, and on a busy machine
+               # oversubscribed threads make each run 20x slower
+               OMP_NUM_THREADS="1")
     return env
 
 
