@@ -94,6 +94,14 @@ def test_block_is_well_formed(block):
             pytest.fail(f"{block.id}: mcr-exit {' '.join(args)}: {exc.format_message()}")
 
 
+@pytest.mark.parametrize("doc", RUN_DOCS)
+def test_every_fence_names_its_language(doc):
+    """An untagged fence would hide a shell command from these tests: each says bash, python or text."""
+    fences = [line.strip() for line in (REPO / doc).read_text().splitlines() if line.strip().startswith("```")]
+    openings = fences[0::2]
+    assert all(f in ("```bash", "```python", "```text") for f in openings), f"{doc}: {openings}"
+
+
 def test_skips_say_why_and_most_blocks_run():
     run = [b for doc in RUN_DOCS for b in shell_blocks(doc)]
     assert all(b.skip is None or len(b.skip) > 10 for b in run)
