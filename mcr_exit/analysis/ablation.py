@@ -1,5 +1,5 @@
 """Causal tests of the massive activation: variants (baseline, MLP ablation at BOS, BOS clipping),
-the blocks that build the spike (``--layers auto``), next-token loss, and per-variant summaries.
+the blocks that build the spike (``--blocks auto``), next-token loss, and per-variant summaries.
 
 Index conventions: blocks are 0-based; hidden[i] is the output of block i-1 (hidden[0] = embeddings),
 so ablating block j changes hidden[j+1] onwards.
@@ -120,7 +120,7 @@ def spike_stages(scan: SpikeScan, exclude: tuple[int, ...] = ()) -> list[int]:
 
 
 def find_spike_blocks(loaded: LoadedModel, ids: list[list[int]], max_batch: int = 8) -> tuple[list[int], list[dict]]:
-    """Every block whose MLP builds the massive activation (``--layers auto``).
+    """Every block whose MLP builds the massive activation (``--blocks auto``).
 
     Ablate the stages found so far and look again, until no massive activation remains or no new
     stage appears: a model that builds the spike in several blocks (or rebuilds it later) is caught.
@@ -142,8 +142,8 @@ def find_spike_blocks(loaded: LoadedModel, ids: list[list[int]], max_batch: int 
     if not blocks:
         first = log[0]
         raise ConfigError(
-            f"--layers auto: no MLP builds a massive activation at position 0 (peak BOS/other norm ratio "
-            f"{first['peak_norm_ratio']:.3g} at hidden {first['peak_hidden']}); pass --layers explicitly")
+            f"--blocks auto: no MLP builds a massive activation at position 0 (peak position-0/other norm ratio "
+            f"{first['peak_norm_ratio']:.3g} at hidden {first['peak_hidden']}); pass --blocks explicitly")
     return blocks, log
 
 

@@ -67,7 +67,7 @@ def select_runs(client, *, run_ids=(), experiment: str | None = None, models=())
                 raise ConfigError(f"MLflow run '{r.info.run_id}' is not an mcr-exit analyze run")
         return runs
     if not models and experiment is None:
-        raise ConfigError("compare needs --run, --experiment or --model")
+        raise ConfigError("compare needs --run, --experiment or --run-model")
     latest = latest_per_config(finished_runs(client, experiment_ids(client, experiment), "analyze"))
     if models:
         for m in models:

@@ -106,7 +106,7 @@ def detect_phases(
     if peak_ratio < MIN_PEAK_RATIO or log_ratio[peak] - base < MIN_RISE_DECADES:
         return Phases(
             found=False,
-            note=(f"no massive activation: peak BOS/other norm ratio {peak_ratio:.3g} at hidden {peak} "
+            note=(f"no massive activation: peak position-0/other norm ratio {peak_ratio:.3g} at hidden {peak} "
                   f"(needs >= {MIN_PEAK_RATIO:g} and a rise of >= {MIN_RISE_DECADES:g} decade)"),
             compress_start=None, refine_start=None, massive_activation_layer=None,
             carrier=None, carrier_norm_share=None, **common,

@@ -25,17 +25,18 @@ def summary_text(outcome, note: str | None) -> str:
 @click.command("ablate")
 @model_options
 @data_options
-@click.option("--layers", default="auto", show_default=True,
-              help="Blocks (0-based) whose MLP write into BOS is removed, e.g. 0,5-7; auto = every block that "
-                   "builds the massive activation.")
+@click.option("--blocks", "layers", default="auto", show_default=True, metavar="auto|J,J-K",
+              help="Blocks, counted from 0, whose MLP write into position 0 is removed, e.g. 0,5-7 (block j "
+                   "reads hidden j and writes hidden j+1); auto = every block that builds the massive activation.")
 @click.option("--clip", default=None, metavar="auto|G1,G2,...",
               help="Also clip the BOS residual to [-g, g] at the spike layer, for each value (auto: a sweep).")
 @click.option("--clip-layer", type=int, default=None,
               help="Hidden index to clip (default: right after the last ablated block).")
 @click.option("--tau", type=float, default=0.3, show_default=True, help="Sink threshold tau in (0, 1].")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--output-dir", default=None, help="Default: ./mcr-exit-runs/ablate-<model>-<time>.")
-@click.option("--no-plots", is_flag=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per forward pass.")
+@click.option("--output-dir", default=None,
+              help="Where to write the outputs. Default: ./mcr-exit-runs/ablate-<model>-<time>.")
+@click.option("--no-plots", is_flag=True, help="Skip the figures.")
 @tracking_options
 def ablate_command(model, revision, dtype, device, data, field, max_prompts, max_length, bos, layers, clip,
                    clip_layer, tau, batch_size, output_dir, no_plots, tracking_uri, experiment, no_mlflow):

@@ -6,11 +6,16 @@ import click
 
 
 @click.command("choose-layer")
-@click.option("--profile", "profile_path", required=True, metavar="phase_profile.json")
-@click.option("--lens", "lens_file", default=None, metavar="lens.json")
-@click.option("--lmeval", "lmeval_file", default=None, metavar="lmeval.json")
-@click.option("--probe", "probe_file", default=None, metavar="probe.json")
-@click.option("--mteb", "mteb_file", default=None, metavar="mteb.json")
+@click.option("--profile", "profile_path", required=True, metavar="phase_profile.json",
+              help="Profile from `mcr-exit analyze`; its embedding_layer is rewritten unless --dry-run.")
+@click.option("--lens", "lens_file", default=None, metavar="lens.json",
+              help="Result of `mcr-exit lens` (drawn in the figure; not used for the choice).")
+@click.option("--lmeval", "lmeval_file", default=None, metavar="lmeval.json",
+              help="Result of `mcr-exit lmeval` (drawn in the figure; not used for the choice).")
+@click.option("--probe", "probe_file", default=None, metavar="probe.json",
+              help="Result of `mcr-exit probe`: its test accuracy chooses the layer when no --mteb is given.")
+@click.option("--mteb", "mteb_file", default=None, metavar="mteb.json",
+              help="Result of `mcr-exit mteb`: its mean main score chooses the layer.")
 @click.option("--figure", default=None, help="Where to draw Figure 8. Default: next to the profile.")
 @click.option("--dry-run", is_flag=True, help="Report the choice without rewriting the profile.")
 def choose_layer_command(profile_path, lens_file, lmeval_file, probe_file, mteb_file, figure, dry_run):

@@ -5,8 +5,19 @@ from __future__ import annotations
 import click
 
 from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
-from mcr_exit.cli.options import model_options, tracking_options
+from mcr_exit.cli.options import bos_option, model_options, tracking_options
+from mcr_exit.cli.progress import progress_bar
 from mcr_exit.tracking import command_run
+
+
+def perplexity_text(ppl: float) -> str:
+    """A perplexity readable at any size: fixed point up to 1e5, scientific notation above."""
+    return f"{ppl:12.1f}" if ppl < 1e5 else f"{ppl:12.3e}"
+
+
+def lens_row_text(row: dict, n_layers: int) -> str:
+    return (f"  hidden {row['layer']:>3} ({row['layer'] / n_layers:4.0%})  CE {row['cross_entropy']:7.3f}  "
+            f"ppl {perplexity_text(row['perplexity'])}  entropy {row['entropy']:6.3f}")
 
 
 @click.command("lens")
@@ -19,7 +30,7 @@ from mcr_exit.tracking import command_run
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward pass.")
 @click.option("--chunk-tokens", type=int, default=512, show_default=True,
               help="Positions unembedded at once (memory ~ chunk x vocab).")
-@click.option("--bos", type=click.Choice(["auto", "force", "none"]), default="auto", show_default=True)
+@bos_option
 @eval_options
 @tracking_options
 @command_run("lens")
@@ -34,7 +45,8 @@ def lens_command(model, revision, dtype, device, data, field, window, max_window
     prompts = load_prompts(data, field=field)
     loaded = load_for_eval(model, revision, dtype, device)
     result = logit_lens(loaded, prompts.texts, window=window, max_windows=max_windows, batch_size=batch_size,
-                        bos=bos, chunk_tokens=chunk_tokens, layers=parse_layers(layers))
+                        bos=bos, chunk_tokens=chunk_tokens, layers=parse_layers(layers),
+                        progress_factory=lambda total: progress_bar(total, desc="lens", unit="window"))
     doc = curve_document("lens", result, loaded=loaded,
                          data={"name": prompts.name, "source": prompts.source, "digest": prompts.digest})
     out = output_dir_for(output_dir, "lens", loaded.spec.name)
@@ -43,6 +55,5 @@ def lens_command(model, revision, dtype, device, data, field, window, max_window
                   params={"data": prompts.source, **result.config, "n_windows": result.n_windows})
     L = loaded.adapter.n_layers
     for row in result.rows():
-        click.echo(f"  hidden {row['layer']:>3} ({row['layer'] / L:4.0%})  CE {row['cross_entropy']:7.3f}  "
-                   f"ppl {row['perplexity']:12.1f}  entropy {row['entropy']:6.3f}")
+        click.echo(lens_row_text(row, L))
     click.echo(f"{loaded.spec.name}: {result.n_windows} windows x {window} tokens; {tail}")

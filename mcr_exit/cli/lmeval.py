@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
-from mcr_exit.cli.options import model_options, tracking_options
+from mcr_exit.cli.options import bos_option, model_options, tracking_options
+from mcr_exit.cli.progress import progress_bar
 from mcr_exit.tracking import command_run
 
 
@@ -17,8 +18,8 @@ from mcr_exit.tracking import command_run
               help="Multiple-choice records {question, choices, answer} as an extra task. Repeatable.")
 @click.option("--include-defaults", is_flag=True, help="Also index lm-eval's own tasks (slow; most need the Hub).")
 @click.option("--limit", type=int, default=None, help="At most this many documents per task.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--bos", type=click.Choice(["auto", "force", "none"]), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Requests per forward pass.")
+@bos_option
 @eval_options
 @tracking_options
 @command_run("lmeval")
@@ -32,7 +33,8 @@ def lmeval_command(model, revision, dtype, device, tasks, task_files, include_de
     names = list(tasks) or ([] if task_files else list(BUNDLED_TASKS))
     loaded = load_for_eval(model, revision, dtype, device)
     result = lmeval_sweep(loaded, names, layers=parse_layers(layers), task_files=list(task_files), limit=limit,
-                          batch_size=batch_size, bos=bos, include_defaults=include_defaults)
+                          batch_size=batch_size, bos=bos, include_defaults=include_defaults,
+                          progress_factory=lambda total: progress_bar(total, desc="lmeval", unit="layer"))
     doc = curve_document("lmeval", result, loaded=loaded, data={"name": "+".join(result.tasks),
                                                                  "task_files": list(task_files)})
     out = output_dir_for(output_dir, "lmeval", loaded.spec.name)

@@ -5,30 +5,40 @@ from __future__ import annotations
 import click
 
 from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
-from mcr_exit.cli.options import model_options, tracking_options
+from mcr_exit.cli.options import (
+    bos_option,
+    max_length_option,
+    model_options,
+    pooling_option,
+    tracking_options,
+)
 from mcr_exit.tracking import command_run
+from mcr_exit.vocabulary import EMBEDDING_MAX_LENGTH
 
 
 @click.command("probe")
 @model_options
 @click.option("--train", "train_file", required=True, metavar="FILE", help="Labelled texts (.tsv .csv .jsonl ...).")
 @click.option("--test", "test_file", default=None, metavar="FILE", help="Test split; default: a seeded split of --train.")
-@click.option("--text-field", default="sentence", show_default=True)
-@click.option("--label-field", default="label", show_default=True)
+@click.option("--text-field", default="sentence", show_default=True, help="Text column of the files.")
+@click.option("--label-field", default="label", show_default=True, help="Label column of the files.")
 @click.option("--max-examples", type=int, default=None, help="Use the first N of each file.")
-@click.option("--test-fraction", type=float, default=0.3, show_default=True)
-@click.option("--seed", type=int, default=123, show_default=True)
-@click.option("--pooling", type=click.Choice(["mean_no_bos", "last", "mean"]), default="mean_no_bos", show_default=True)
+@click.option("--test-fraction", type=float, default=0.3, show_default=True,
+              help="Share of --train held out for testing when no --test is given.")
+@click.option("--seed", type=int, default=123, show_default=True, help="Seed of the split and of the classifier.")
+@pooling_option
 @click.option("--C", "c", type=float, default=1.0, show_default=True, help="Inverse L2 regularization strength.")
-@click.option("--max-length", type=int, default=128, show_default=True)
-@click.option("--bos", type=click.Choice(["auto", "force", "none"]), default="auto", show_default=True)
+@max_length_option(EMBEDDING_MAX_LENGTH)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Texts per forward pass.")
+@bos_option
 @click.option("--cache-dir", default=None, help="Cache the all-layer features here (reused on a rerun).")
 @eval_options
 @tracking_options
 @command_run("probe")
 def probe_command(model, revision, dtype, device, train_file, test_file, text_field, label_field, max_examples,
-                  test_fraction, seed, pooling, c, max_length, bos, cache_dir, layers, output_dir, tracking_uri,
-                  experiment, no_mlflow):
+                  test_fraction, seed, pooling, c, max_length, batch_size, bos, cache_dir, layers, output_dir,
+                  tracking_uri, experiment, no_mlflow):
     """Linear-probe accuracy at every layer (one forward pass per batch for all layers)."""
     from dataclasses import replace
 
@@ -42,7 +52,8 @@ def probe_command(model, revision, dtype, device, train_file, test_file, text_fi
         test = test and replace(test, texts=test.texts[:max_examples], labels=test.labels[:max_examples])
     loaded = load_for_eval(model, revision, dtype, device)
     result = probe_layers(loaded, train, test, test_fraction=test_fraction, seed=seed, pooling=pooling,
-                          layers=parse_layers(layers), c=c, cache_dir=cache_dir, bos=bos, max_length=max_length)
+                          layers=parse_layers(layers), c=c, cache_dir=cache_dir, bos=bos, max_length=max_length,
+                          max_batch=batch_size)
     from pathlib import Path
 
     doc = curve_document("probe", result, loaded=loaded, data={

@@ -8,7 +8,8 @@ import time
 
 import click
 
-from mcr_exit.cli.options import model_options
+from mcr_exit.cli.options import model_options, pooling_option
+from mcr_exit.cli.phase_text import phase_line
 
 
 def _check_serve_extra() -> None:
@@ -27,7 +28,7 @@ def _check_serve_extra() -> None:
               help="Phase profile from `mcr-exit analyze`: its embedding_layer k is the default embedding layer.")
 @click.option("--tracking-uri", default=None, help="MLflow URI for runs:/ and models:/ profiles.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 to expose).")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port to listen on.")
 @click.option("--api-key", envvar="MCR_EXIT_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every route but /health. Env: MCR_EXIT_API_KEY.")
 @click.option("--served-model-name", multiple=True, help="Extra model name(s) clients may send.")
@@ -37,16 +38,14 @@ def _check_serve_extra() -> None:
               help="vLLM: fraction of total GPU memory for vLLM (weights + KV cache).")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM: GPUs per replica.")
 @click.option("--max-layer", type=int, default=None, help="Highest hidden index a request's `layer` may ask for.")
-@click.option("--pooling", type=click.Choice(["mean_no_first", "mean", "last"]), default="mean_no_first",
-              show_default=True, help="mean_no_first: real tokens without position 0; mean: every real token; "
-              "last: the last real token.")
+@pooling_option
 @click.option("--no-normalize", is_flag=True, help="Return raw pooled vectors instead of L2-normalized ones.")
 @click.option("--max-queue", type=int, default=128, show_default=True,
               help="Generation requests waiting for a KV cache slot before 429.")
 @click.option("--max-queue-tokens", type=int, default=1 << 20, show_default=True,
               help="Embedding input tokens waiting before 429.")
 @click.option("--max-batch-tokens", type=int, default=8192, show_default=True, help="Token budget per embedding batch.")
-@click.option("--max-batch-size", type=int, default=64, show_default=True)
+@click.option("--max-batch-size", type=int, default=64, show_default=True, help="Inputs per embedding batch.")
 @click.option("--max-running", type=int, default=64, show_default=True,
               help="Sequences generating at once (one KV cache slot each).")
 @click.option("--kv-cache-tokens", type=int, default=None,
@@ -58,7 +57,8 @@ def _check_serve_extra() -> None:
 @click.option("--max-inputs", type=int, default=256, show_default=True, help="Inputs per embedding request.")
 @click.option("--max-input-tokens", type=int, default=2048, show_default=True, help="Tokens per input.")
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="Cap on max_tokens.")
-@click.option("--max-body-bytes", type=int, default=4 * 1024 * 1024, show_default=True)
+@click.option("--max-body-bytes", type=int, default=4 * 1024 * 1024, show_default=True,
+              help="Largest request body accepted; a larger one gets 413.")
 @click.option("--timeout", type=float, default=120.0, show_default=True,
               help="Seconds an embedding request may take in total.")
 @click.option("--stall-timeout", type=float, default=60.0, show_default=True,
@@ -103,9 +103,8 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
     engine = Engine(loaded, profile, cfg, generator=generator)
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes,
                      served_model_names=tuple(served_model_name))
-    p = profile.phases
-    click.echo(f"{loaded.spec.name}: {loaded.n_layers} blocks; compress hidden {p.get('compress_start')}.."
-               f"{p.get('refine_start')}; embeddings from hidden {engine.embedding_layer} "
+    click.echo(f"{loaded.spec.name}: {loaded.n_layers} blocks; {phase_line(profile.phases, loaded.n_layers)}; "
+               f"embeddings from hidden {engine.embedding_layer} "
                f"(profile {profile.source}, sha256 {profile.sha256[:12]}); http://{host}:{port}/v1"
                + ("; API key required" if api_key else ""), err=True)
     run_server(app, engine, host=host, port=port)

@@ -1,10 +1,11 @@
 """Pooled frozen features at every hidden index, one forward pass per batch (through run_blocks).
 
-Pooling (over the real tokens of each row; right padding, position 0 = first real token):
-  mean_no_bos  mean over positions 1..n-1 (position 0 carries the massive activation); a one-token
-               row falls back to position 0;
-  last         the last real token;
-  mean         mean over all real tokens, position 0 included.
+Pooling (over the real tokens of each row; right padding, position 0 = first real token), the
+vocabulary of ``mcr_exit.vocabulary.POOLINGS``:
+  mean_no_first  mean over positions 1..n-1 (position 0 carries the massive activation); a one-token
+                 row falls back to position 0;
+  mean           mean over all real tokens, position 0 included;
+  last           the last real token.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from mcr_exit.errors import ConfigError
 from mcr_exit.metrics.pooling import POOLINGS, canonical_pooling, pool_hidden  # noqa: F401  (re-exported)
 from mcr_exit.models.forward import run_blocks
 from mcr_exit.models.tokens import collate, encode_prompts, length_batches, pad_id_of, resolve_bos
+from mcr_exit.vocabulary import DEFAULT_POOLING, EMBEDDING_MAX_LENGTH
 
 
 def check_layers(layers, n_layers: int) -> list[int]:
@@ -47,8 +49,8 @@ class LayerFeatures:
 
 
 def layer_features(
-    loaded, texts: list[str], *, pooling: str = "mean_no_bos", layers=None, bos: str = "auto",
-    max_length: int = 512, max_tokens: int = 8192, max_batch: int = 32,
+    loaded, texts: list[str], *, pooling: str = DEFAULT_POOLING, layers=None, bos: str = "auto",
+    max_length: int = EMBEDDING_MAX_LENGTH, max_tokens: int = 8192, max_batch: int = 32,
 ) -> LayerFeatures:
     """Pooled features of every text at every requested hidden index (one forward per batch)."""
     pooling = canonical_pooling(pooling)

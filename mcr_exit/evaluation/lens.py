@@ -67,9 +67,12 @@ def corpus_token_ids(tokenizer, texts: list[str]) -> list[int]:
 
 def logit_lens(
     loaded, texts: list[str], *, window: int = 256, max_windows: int | None = 32, batch_size: int = 4,
-    bos: str = "auto", chunk_tokens: int = 512, layers=None,
+    bos: str = "auto", chunk_tokens: int = 512, layers=None, progress_factory=None,
 ) -> LensResult:
-    """Per-layer LogitLens cross-entropy, perplexity and entropy on ``texts`` cut into windows."""
+    """Per-layer LogitLens cross-entropy, perplexity and entropy on ``texts`` cut into windows.
+
+    progress_factory(total) -> update(n), if given, is told how many windows each batch finished.
+    """
     from mcr_exit.evaluation.features import check_layers
 
     adapter = loaded.adapter
@@ -80,6 +83,7 @@ def logit_lens(
     sums = {k: [0.0, 0.0] for k in wanted}
     n_tok = 0
     pad, device = pad_id_of(loaded.tokenizer), adapter.embed.weight.device
+    advance = progress_factory(len(windows)) if progress_factory else None
     for start in range(0, len(windows), batch_size):
         ids, mask = collate(windows[start : start + batch_size], pad, device)
         targets = ids[:, first_target:].reshape(-1)
@@ -97,6 +101,8 @@ def logit_lens(
 
         with torch.inference_mode():
             run_blocks(adapter, ids, mask, score, stop_at=max(wanted))
+        if advance:
+            advance(ids.shape[0])
     ce = [sums[k][0] / n_tok for k in wanted]
     return LensResult(
         layers=wanted, cross_entropy=ce, perplexity=[math.exp(min(c, 700.0)) for c in ce],

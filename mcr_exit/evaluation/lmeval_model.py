@@ -7,8 +7,12 @@ CLI:     ``python -m mcr_exit.evaluation.lmeval_cli --model mcr-exit-lens --mode
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import sys
 import tempfile
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,8 +74,9 @@ def _build_lens_class():
     class LensLM(HFLM):
         """HFLM whose logits are unembed(ln_final(hidden[layer])), computed through run_blocks.
 
-        model_args: layer (hidden index, default = last), model (id, folder or .gguf; default the
-        built-in SmolLM2), revision, dtype, bos (auto|force|none), batch_size, max_length.
+        model_args: layer (hidden index, default = last), model (id, folder or .gguf; default
+        $MCR_EXIT_MODEL, else the built-in SmolLM2, as for ``mcr-exit``), revision, dtype, bos
+        (auto|force|none), batch_size, max_length.
         """
 
         def __init__(self, pretrained=None, *, layer=None, model=None, loaded=None, revision=None, dtype="auto",
@@ -81,6 +86,7 @@ def _build_lens_class():
 
             if loaded is None:
                 src = model or (pretrained if isinstance(pretrained, str) and pretrained else None)
+                src = src or os.environ.get("MCR_EXIT_MODEL") or None
                 loaded = load_model(src, revision=revision, dtype=dtype, device=device)
             self.loaded = loaded
             L = loaded.adapter.n_layers
@@ -121,14 +127,43 @@ def lens_lm_class():
     return _LENS_CLASS
 
 
+@contextmanager
+def quiet_stderr(keep_chars: int = 8000):
+    """Hold back what is written to stderr (Python's and the file descriptor's) and show it only on error.
+
+    For every layer lm-eval writes progress bars, the same warnings and git's complaints about the
+    working directory; the sweep's own progress bar says what matters.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as raw, io.StringIO() as text:
+        os.dup2(raw.fileno(), 2)
+        failed = True
+        try:
+            with redirect_stderr(text):
+                yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed:
+                raw.seek(0)
+                held = raw.read().decode("utf-8", "replace") + text.getvalue()
+                sys.stderr.write(held[-keep_chars:])
+
+
 def evaluate_layer(loaded, layer: int, tasks: list[str], *, tm=None, limit=None, batch_size: int = 8,
-                   bos: str = "auto") -> dict[str, float]:
-    """Accuracy (acc and acc_norm) per task at one hidden index, through lm-eval's own evaluator."""
+                   bos: str = "auto", quiet: bool = True) -> dict[str, float]:
+    """Accuracy (acc and acc_norm) per task at one hidden index, through lm-eval's own evaluator.
+
+    quiet: hold back lm-eval's own output (progress bars, warnings) unless the layer fails.
+    """
     import lm_eval
 
-    lm = lens_lm_class()(loaded=loaded, layer=layer, bos=bos, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm or task_manager(), limit=limit,
-                                  log_samples=False, verbosity="ERROR", bootstrap_iters=0)
+    with quiet_stderr() if quiet else nullcontext():
+        lm = lens_lm_class()(loaded=loaded, layer=layer, bos=bos, batch_size=batch_size)
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm or task_manager(), limit=limit,
+                                      log_samples=False, verbosity="ERROR", bootstrap_iters=0)
     scores = {}
     for task, res in out["results"].items():
         for key in ("acc", "acc_norm"):
@@ -149,8 +184,12 @@ class LmevalSweep:
 
 
 def lmeval_sweep(loaded, tasks: list[str], *, layers=None, task_files: list[str] | None = None, limit=None,
-                 batch_size: int = 8, bos: str = "auto", include_defaults: bool = False) -> LmevalSweep:
-    """lm-eval at every requested hidden index (each run executes only the first k blocks)."""
+                 batch_size: int = 8, bos: str = "auto", include_defaults: bool = False,
+                 progress_factory=None) -> LmevalSweep:
+    """lm-eval at every requested hidden index (each run executes only the first k blocks).
+
+    progress_factory(total) -> update(n), if given, is told each time a layer is done.
+    """
     from mcr_exit.evaluation.features import check_layers
 
     wanted = check_layers(layers, loaded.adapter.n_layers)
@@ -164,6 +203,11 @@ def lmeval_sweep(loaded, tasks: list[str], *, layers=None, task_files: list[str]
         if n not in known:
             raise ConfigError(f"lm-eval does not know the task '{n}' (bundled: {', '.join(BUNDLED_TASKS)}; "
                               "use --include-defaults for lm-eval's own tasks)")
-    scores = [evaluate_layer(loaded, k, names, tm=tm, limit=limit, batch_size=batch_size, bos=bos) for k in wanted]
+    advance = progress_factory(len(wanted)) if progress_factory else None
+    scores = []
+    for k in wanted:
+        scores.append(evaluate_layer(loaded, k, names, tm=tm, limit=limit, batch_size=batch_size, bos=bos))
+        if advance:
+            advance(1)
     return LmevalSweep(layers=wanted, tasks=names, scores=scores,
                        config={"limit": limit, "batch_size": batch_size, "bos": bos})

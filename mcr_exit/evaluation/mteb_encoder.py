@@ -13,14 +13,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mcr_exit.evaluation.features import check_layers, layer_features
-from mcr_exit.evaluation.mteb_tasks import _mteb
+from mcr_exit.evaluation.mteb_tasks import _mteb, load_task_data
+from mcr_exit.metrics.pooling import canonical_pooling
+from mcr_exit.vocabulary import DEFAULT_POOLING, EMBEDDING_MAX_LENGTH
 
 
 class LayerFeatureStore:
     """text -> (n_layers, d) pooled features, filled lazily in batches."""
 
-    def __init__(self, loaded, *, layers=None, pooling: str = "mean_no_bos", bos: str = "auto", max_length: int = 512):
-        self.loaded, self.pooling, self.bos, self.max_length = loaded, pooling, bos, max_length
+    def __init__(self, loaded, *, layers=None, pooling: str = DEFAULT_POOLING, bos: str = "auto",
+                 max_length: int = EMBEDDING_MAX_LENGTH, batch_size: int = 32):
+        self.loaded, self.pooling, self.bos, self.max_length = loaded, canonical_pooling(pooling), bos, max_length
+        self.batch_size = batch_size
         self.layers = check_layers(layers, loaded.adapter.n_layers)
         self._rows: dict[str, np.ndarray] = {}
         self.forward_texts = 0  # how many texts went through the model (for tests and logs)
@@ -30,7 +34,8 @@ class LayerFeatureStore:
         missing = list(dict.fromkeys(t for t in texts if t not in self._rows))
         if missing:
             feats = layer_features(self.loaded, [t if t.strip() else " " for t in missing], pooling=self.pooling,
-                                   layers=self.layers, bos=self.bos, max_length=self.max_length)
+                                   layers=self.layers, bos=self.bos, max_length=self.max_length,
+                                   max_batch=self.batch_size)
             d = feats.features.shape[-1]
             for j, t in enumerate(missing):
                 self._rows[t] = np.zeros((len(self.layers), d), np.float32)
@@ -70,8 +75,8 @@ def _encoder_class():
     return LayerEncoder
 
 
-def layer_encoder(loaded, layer: int, *, pooling: str = "mean_no_bos", normalize: bool = True, bos: str = "auto",
-                  max_length: int = 512, store: LayerFeatureStore | None = None):
+def layer_encoder(loaded, layer: int, *, pooling: str = DEFAULT_POOLING, normalize: bool = True, bos: str = "auto",
+                  max_length: int = EMBEDDING_MAX_LENGTH, store: LayerFeatureStore | None = None):
     """An mteb encoder for hidden index ``layer`` (pass a shared store to sweep layers cheaply)."""
     store = store or LayerFeatureStore(loaded, layers=[layer], pooling=pooling, bos=bos, max_length=max_length)
     return _encoder_class()(store, layer, normalize=normalize, name=loaded.spec.name)
@@ -99,23 +104,31 @@ def _main_score(task_result) -> float:
     return float(np.mean(vals))
 
 
-def mteb_sweep(loaded, tasks: list, *, layers=None, pooling: str = "mean_no_bos", normalize: bool = True,
-               bos: str = "auto", max_length: int = 512) -> MtebSweep:
-    """Run every task at every hidden index; features for all layers come from one forward per batch."""
+def mteb_sweep(loaded, tasks: list, *, layers=None, pooling: str = DEFAULT_POOLING, normalize: bool = True,
+               bos: str = "auto", max_length: int = EMBEDDING_MAX_LENGTH, batch_size: int = 32,
+               progress_factory=None) -> MtebSweep:
+    """Run every task at every hidden index; features for all layers come from one forward per batch.
+
+    progress_factory(total) -> update(n), if given, is told each time one task is scored at one layer.
+    """
     mteb = _mteb()
     import datasets
 
     datasets.disable_progress_bars()  # one bar per layer and task otherwise
-    store = LayerFeatureStore(loaded, layers=layers, pooling=pooling, bos=bos, max_length=max_length)
+    load_task_data(tasks)  # once for every layer; fails in one line before any forward pass
+    store = LayerFeatureStore(loaded, layers=layers, pooling=pooling, bos=bos, max_length=max_length,
+                              batch_size=batch_size)
     names = [t.metadata.name for t in tasks]
     scores: dict[str, list[float]] = {n: [] for n in names}
+    advance = progress_factory(len(store.layers) * len(tasks)) if progress_factory else None
     for k in store.layers:
         enc = layer_encoder(loaded, k, normalize=normalize, store=store)
-        result = mteb.evaluate(enc, tasks, cache=None, overwrite_strategy="always", show_progress_bar=False)
-        by_name = {r.task_name: r for r in result.task_results}
-        for n in names:
-            scores[n].append(_main_score(by_name[n]))
+        for task in tasks:
+            result = mteb.evaluate(enc, [task], cache=None, overwrite_strategy="always", show_progress_bar=False)
+            scores[task.metadata.name].append(_main_score(result.task_results[0]))
+            if advance:
+                advance(1)
     mean = [float(np.mean([scores[n][j] for n in names])) for j in range(len(store.layers))]
     return MtebSweep(layers=store.layers, tasks=names, main_score=scores, mean_score=mean,
-                     config={"pooling": pooling, "normalize": normalize, "forward_texts": store.forward_texts,
-                             "max_length": max_length})
+                     config={"pooling": store.pooling, "normalize": normalize, "forward_texts": store.forward_texts,
+                             "max_length": max_length, "batch_size": batch_size})

@@ -1,11 +1,13 @@
 """Offline MTEB tasks built from user files (classification, STS, clustering, retrieval), and mteb's own by name.
 
-File formats (any of .jsonl .json .csv .tsv .parquet; field names fixed):
+File formats (any of .jsonl .json .csv .tsv .parquet):
   classification  text, label [, split = train|test]   (no split column: seeded 70/30 split)
   sts             sentence1, sentence2, score
   clustering      text, label
   retrieval       query, document   (each query's document is its one relevant document; the corpus is
                                      every distinct document)
+The text and label columns of classification and clustering files can have other names
+(``text_field``, ``label_field``; ``--text-field``/``--label-field`` on the command line, as for probes).
 """
 
 from __future__ import annotations
@@ -33,18 +35,23 @@ def _mteb():
     return mteb
 
 
-def read_task_file(kind: str, path: str | Path) -> list[dict]:
+def read_task_file(kind: str, path: str | Path, *, text_field: str = "text", label_field: str = "label") -> list[dict]:
+    """Records with the kind's fields under their standard names (text/label columns renamed)."""
     if kind not in KINDS:
         raise ConfigError(f"unknown custom task kind '{kind}': use {', '.join(KINDS)}")
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"task file does not exist: {path}")
     records = _records_from_file(p)
+    columns = {"text": text_field, "label": label_field}
+    wanted = [columns.get(name, name) for name in _FIELDS[kind]]
     if not records or not isinstance(records[0], dict):
-        raise DataError(f"{p}: needs records with fields {', '.join(_FIELDS[kind])}")
-    for name in _FIELDS[kind]:
+        raise DataError(f"{p}: needs records with fields {', '.join(wanted)}")
+    for name in wanted:
         if name not in records[0]:
             raise DataError(f"{p}: {kind} column '{name}' not found; available: {', '.join(map(str, records[0]))}")
+    if kind in ("classification", "clustering"):
+        records = [{**r, "text": r[text_field], "label": r[label_field]} for r in records]
     if kind in ("classification", "clustering") and len({str(r["label"]) for r in records}) < 2:
         raise DataError(f"{p}: a single class; {kind} needs at least two labels")
     return records
@@ -92,9 +99,10 @@ def _retrieval(records: list[dict]):
     return {"default": {"test": split}}
 
 
-def custom_task(kind: str, path: str | Path, *, name: str | None = None, seed: int = 123):
+def custom_task(kind: str, path: str | Path, *, name: str | None = None, seed: int = 123,
+                text_field: str = "text", label_field: str = "label"):
     """An mteb task object whose data comes from ``path`` (no Hub access)."""
-    records = read_task_file(kind, path)
+    records = read_task_file(kind, path, text_field=text_field, label_field=label_field)
     _mteb()
     from datasets import Dataset, DatasetDict
     from mteb.abstasks.classification import AbsTaskClassification
@@ -153,3 +161,17 @@ def named_tasks(names: list[str]) -> list:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"mteb does not know the task '{n}': {first[:200]}") from exc
     return out
+
+
+def load_task_data(tasks: list) -> None:
+    """Load every task's data now (before the model): a task that cannot be loaded, e.g. a Hub task
+    offline, is a one-line DataError instead of a traceback after the model has loaded."""
+    for task in tasks:
+        if getattr(task, "data_loaded", False):
+            continue
+        try:
+            task.load_data()
+        except Exception as exc:  # noqa: BLE001 - datasets/huggingface_hub raise many types, all reported alike
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(f"cannot load the data of mteb task '{task.metadata.name}': {first[:200]} "
+                            "(offline? use --custom-task KIND:FILE for local data)") from exc

@@ -23,14 +23,29 @@ def _shade_phases(ax, profile: dict | None) -> None:
     if not profile or not profile.get("phases", {}).get("found"):
         return
     L, p = profile["n_layers"], profile["phases"]
-    ax.axvspan(p["compress_start"] / L, p["refine_start"] / L, color="tab:orange", alpha=0.12, lw=0)
+    ax.axvspan(p["compress_start"] / L, p["refine_start"] / L, color="tab:orange", alpha=0.12, lw=0,
+               label="_compress phase")
     if profile.get("embedding_layer") is not None:
-        ax.axvline(profile["embedding_layer"] / L, color="tab:green", ls=":", lw=1)
+        ax.axvline(profile["embedding_layer"] / L, color="tab:green", ls=":", lw=1, label="_embedding layer")
 
 
 def figure8(*, lens: dict | None = None, lmeval: dict | None = None, probe: dict | None = None,
             mteb: dict | None = None, profile: dict | None = None, out: str | Path) -> Path:
-    """One panel per available curve; the compress phase is shaded, the embedding layer dotted."""
+    """Draw Figure 8 (draw_figure8) into the file ``out``."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_figure8(lens=lens, lmeval=lmeval, probe=probe, mteb=mteb, profile=profile)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def draw_figure8(*, lens: dict | None = None, lmeval: dict | None = None, probe: dict | None = None,
+                 mteb: dict | None = None, profile: dict | None = None):
+    """The matplotlib Figure: one panel per available curve against relative depth (hidden index / L);
+    the compress phase is shaded (label '_compress phase'), the embedding layer dotted ('_embedding layer')."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +59,7 @@ def figure8(*, lens: dict | None = None, lmeval: dict | None = None, probe: dict
     for ax, name in zip(axes[0], panels):
         if name == "lens":
             ppl = [r["perplexity"] for r in lens["rows"]]
-            ax.plot(_depth(lens), ppl, "o-", ms=3)
+            ax.plot(_depth(lens), ppl, "o-", ms=3, label="perplexity")
             ax.set_yscale("log")
             rest = max(ppl[1:]) if len(ppl) > 1 else ppl[0]
             if ppl[0] > 1e3 * rest:  # hidden 0 (embeddings through the head) is off any useful scale
@@ -79,8 +94,4 @@ def figure8(*, lens: dict | None = None, lmeval: dict | None = None, probe: dict
     model = next(d for d in (lens, lmeval, probe, mteb) if d is not None)["model"]["name"]
     fig.suptitle(f"{model}: downstream performance across depth", fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return fig

@@ -9,6 +9,7 @@ import numpy as np
 
 from mcr_exit.data.sources import _records_from_file
 from mcr_exit.errors import DataError
+from mcr_exit.vocabulary import DEFAULT_POOLING
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,11 +86,13 @@ class ProbeResult:
 
 def probe_layers(
     loaded, train: LabelledTexts, test: LabelledTexts | None = None, *, test_fraction: float = 0.3, seed: int = 123,
-    pooling: str = "mean_no_bos", layers=None, c: float = 1.0, cache_dir=None, **feature_kwargs,
+    pooling: str = DEFAULT_POOLING, layers=None, c: float = 1.0, cache_dir=None, **feature_kwargs,
 ) -> ProbeResult:
     """Fit one probe per hidden index. Without ``test`` a seeded split of ``train`` is used."""
     from mcr_exit.evaluation.features import cached_layer_features
+    from mcr_exit.metrics.pooling import canonical_pooling
 
+    pooling = canonical_pooling(pooling)
     check_classes(train.labels, train.source)
     texts = train.texts + (test.texts if test else [])
     feats = cached_layer_features(loaded, texts, cache_dir=cache_dir, pooling=pooling, layers=layers, **feature_kwargs)

@@ -6,11 +6,7 @@ from __future__ import annotations
 import torch
 
 from mcr_exit.errors import ConfigError
-
-POOLINGS = ("mean_no_first", "mean", "last")
-# Older name of mean_no_first, still accepted on input; position 0 is not always a BOS (--bos none).
-POOLING_ALIASES = {"mean_no_bos": "mean_no_first"}
-DEFAULT_POOLING = "mean_no_first"
+from mcr_exit.vocabulary import DEFAULT_POOLING, POOLING_ALIASES, POOLINGS  # noqa: F401  (defined there, once)
 
 
 def canonical_pooling(pooling: str) -> str:

@@ -25,14 +25,14 @@ def parse_blocks(spec: str, n_layers: int) -> list[int]:
             lo, _, hi = part.partition("-")
             first, last = int(lo), int(hi) if hi else int(lo)
         except ValueError:
-            raise ConfigError(f"--layers: cannot read '{part}' (use e.g. 0,5-7 or auto)") from None
+            raise ConfigError(f"--blocks: cannot read '{part}' (use e.g. 0,5-7 or auto)") from None
         if last < first:
-            raise ConfigError(f"--layers: empty range '{part}'")
+            raise ConfigError(f"--blocks: empty range '{part}'")
         for j in range(first, last + 1):
             check_block(j, n_layers)
             blocks.add(j)
     if not blocks:
-        raise ConfigError("--layers: no block given (use e.g. 0,5-7 or auto)")
+        raise ConfigError("--blocks: no block given (use e.g. 0,5-7 or auto)")
     return sorted(blocks)
 
 

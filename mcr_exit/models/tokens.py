@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mcr_exit.errors import ConfigError, DataError
-
-BOS_POLICIES = ("auto", "force", "none")
+from mcr_exit.vocabulary import BOS_POLICIES
 
 
 @dataclass(frozen=True, kw_only=True)

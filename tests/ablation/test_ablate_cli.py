@@ -19,7 +19,7 @@ def ablate_run(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablate")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     out = tmp / "out"
-    res = _invoke(["ablate", "--model", str(tiny_llama_dir), "--layers", "0-1", "--clip", "0.5,2",
+    res = _invoke(["ablate", "--model", str(tiny_llama_dir), "--blocks", "0-1", "--clip", "0.5,2",
                    "--max-prompts", "4", "--max-length", "48", "--output-dir", str(out),
                    "--tracking-uri", uri, "--experiment", "abl"])
     return res, out, uri
@@ -50,9 +50,9 @@ def test_outputs_and_runs(ablate_run):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--layers", "7"], "Error: block 7 is out of range: this model has blocks 0..2"),
-    (["--layers", "1", "--clip", "0"], "Error: clipping value must be > 0, got 0"),
-    (["--layers", "1", "--clip", "-3,5"], "Error: clipping value must be > 0, got -3"),
+    (["--blocks", "7"], "Error: block 7 is out of range: this model has blocks 0..2"),
+    (["--blocks", "1", "--clip", "0"], "Error: clipping value must be > 0, got 0"),
+    (["--blocks", "1", "--clip", "-3,5"], "Error: clipping value must be > 0, got -3"),
 ])
 def test_bad_input_is_one_line(tiny_llama_dir, tmp_path, args, message):
     res = CliRunner().invoke(main, ["ablate", "--model", str(tiny_llama_dir), "--max-prompts", "2", "--no-mlflow",
@@ -65,12 +65,12 @@ def test_auto_without_spike_is_a_clear_error(tiny_llama_dir, tmp_path):
     res = CliRunner().invoke(main, ["ablate", "--model", str(tiny_llama_dir), "--max-prompts", "2", "--no-mlflow",
                                     "--output-dir", str(tmp_path / "o")])
     assert res.exit_code == 1
-    assert "--layers auto: no MLP builds a massive activation" in res.output
+    assert "--blocks auto: no MLP builds a massive activation" in res.output
     assert len(res.output.strip().splitlines()) == 1
 
 
 def test_position0_without_special_token_is_said(tiny_llama_dir, tmp_path):
-    res = _invoke(["ablate", "--model", str(tiny_llama_dir), "--layers", "0", "--bos", "none", "--max-prompts", "2",
+    res = _invoke(["ablate", "--model", str(tiny_llama_dir), "--blocks", "0", "--bos", "none", "--max-prompts", "2",
                    "--max-length", "32", "--no-mlflow", "--no-plots", "--output-dir", str(tmp_path / "o")])
     assert res.exit_code == 0
     assert "position 0 holds no special token in 2 of 2 prompts" in res.output

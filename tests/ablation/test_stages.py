@@ -1,4 +1,4 @@
-"""The pure part of `--layers auto`: which blocks count as stages of the spike."""
+"""The pure part of `--blocks auto`: which blocks count as stages of the spike."""
 
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def test_compare_experiment_logs_its_own_run(sweep, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--run", "0123456789abcdef0123456789abcdef"], "Error: MLflow run '0123456789abcdef0123456789abcdef' does not exist"),
     (["--experiment", "nope"], "Error: MLflow experiment 'nope' does not exist"),
-    (["--model", "no-such-model", "--experiment", "sw"], "Error: no finished analyze run of model 'no-such-model'"),
+    (["--run-model", "no-such-model", "--experiment", "sw"], "Error: no finished analyze run of model 'no-such-model'"),
 ])
 def test_compare_bad_input(sweep, tmp_path, args, message):
     _, _, uri = sweep

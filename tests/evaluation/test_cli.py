@@ -43,6 +43,9 @@ def test_probe_mteb_lmeval_and_choose(tiny_llama_dir, sentiment_tsv, mteb_files,
     r = _run(["mteb", *common, "--custom-task", f"classification:{mteb_files['classification']}",
               "--custom-task", f"sts:{mteb_files['sts']}", "--layers", "0:3:3", "--output-dir", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
+    rows = [line for line in r.stdout.splitlines() if line.strip().startswith("hidden")]
+    assert len(rows) == 2  # hidden 0 and 3, each with the mean and every task's score
+    assert all("McrExitClassification_cls" in row and "McrExitSts_sts" in row for row in rows)
     r = _run(["lmeval", *common, "--task-file", str(mc_file), "--layers", "1,3", "--limit", "3",
               "--output-dir", str(tmp_path / "l")])
     assert r.exit_code == 0, r.output
@@ -79,3 +82,25 @@ def test_bad_input_is_one_line(args, message, tiny_llama_dir, sentiment_tsv, cor
     assert r.exit_code == 1, r.output
     err = r.output.strip().splitlines()
     assert message in err[-1] and err[-1].startswith("Error:")
+
+
+def test_mteb_column_names_batch_size_and_pooling_alias(tiny_llama_dir, sentiment_rows, tmp_path):
+    from tests.evaluation.conftest import write_jsonl
+
+    path = write_jsonl(tmp_path / "renamed.jsonl", [{"review": r["sentence"], "polarity": r["label"]}
+                                                     for r in sentiment_rows])
+    out = tmp_path / "m"
+    r = _run(["mteb", "--model", str(tiny_llama_dir), "--no-mlflow", "--custom-task", f"classification:{path}",
+              "--text-field", "review", "--label-field", "polarity", "--batch-size", "3", "--pooling", "mean_no_bos",
+              "--layers", "1", "--output-dir", str(out)])
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "mteb.json").read_text())["result"]["config"]
+    assert config["batch_size"] == 3 and config["pooling"] == "mean_no_first" and config["max_length"] == 512
+    assert "McrExitClassification_renamed" in r.output
+    assert "mteb: 100%" in r.stderr  # a progress bar over layers x tasks
+    bad = CliRunner().invoke(main, ["mteb", "--model", str(tiny_llama_dir), "--no-mlflow",
+                                    "--custom-task", f"classification:{path}"])
+    assert bad.exit_code == 1
+    assert bad.output.strip().splitlines()[-1].startswith("Error:") and "column 'text' not found" in bad.output
+    bad = CliRunner().invoke(main, ["probe", "--train", str(path), "--pooling", "max"])
+    assert bad.exit_code == 2 and len(bad.output.strip().splitlines()) == 1 and "mean_no_first" in bad.output

@@ -49,3 +49,24 @@ def test_lm_eval_own_cli(tiny_llama_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mcr_arithmetic" in proc.stdout
+
+
+def test_sweep_holds_back_lm_eval_output_per_layer(tiny_llama, capfd):
+    res = lmeval_sweep(tiny_llama, ["mcr_capitals"], layers=[0, 1, 2], limit=2)
+    assert len(res.scores) == 3
+    err = capfd.readouterr().err
+    for noise in ("Running loglikelihood requests", "Tokenizing inputs", "fatal: not a git repository",
+                  "Passed an already-initialized model"):
+        assert noise not in err
+
+
+def test_held_back_output_is_shown_when_a_layer_fails(tiny_llama, capfd):
+    from mcr_exit.evaluation.lmeval_model import quiet_stderr
+
+    with pytest.raises(RuntimeError):
+        with quiet_stderr():
+            print("lm-eval says why", file=sys.stderr)
+            os.system("echo from-a-subprocess >&2")
+            raise RuntimeError("layer failed")
+    err = capfd.readouterr().err
+    assert "lm-eval says why" in err and "from-a-subprocess" in err

@@ -35,9 +35,9 @@ def test_encoder_is_pooled_hidden_state(tiny_llama):
     ids = encode_prompts(tiny_llama.tokenizer, texts, resolve_bos(tiny_llama.tokenizer), 64).ids
     for i, x in enumerate(ids):
         x, m = collate([x], pad_id_of(tiny_llama.tokenizer))
-        ref = pool_hidden(hidden_at(tiny_llama.adapter, x, m, 2), m, "mean_no_bos")[0].numpy()
+        ref = pool_hidden(hidden_at(tiny_llama.adapter, x, m, 2), m, "mean_no_first")[0].numpy()
         np.testing.assert_allclose(got[i], ref, rtol=1e-4, atol=1e-5)
-    assert enc.mteb_model_meta.revision == "layer-2-mean_no_bos-raw"
+    assert enc.mteb_model_meta.revision == "layer-2-mean_no_first-raw"
 
 
 def test_bad_tasks(tmp_path, mteb_files):
