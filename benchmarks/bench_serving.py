@@ -38,7 +38,7 @@ from serving_models import DEFAULT_LAYER, load  # noqa: E402
 from serving_workloads import (  # noqa: E402
     embed_latency,
     embed_throughput,
-    greedy_token_ids,
+    greedy_texts,
     mixed_embed_latency,
     stream_throughput,
     streams_under_embedding_load,
@@ -83,10 +83,19 @@ def offline_anchors(args, loaded, k: int, inputs: list[list[int]], prompts: list
             seconds = _timed(lambda: loaded.model.generate(**kw), dev, repeats=1)
             gen[batch] = batch * args.max_tokens / seconds
         out["generate_tok_s"] = gen
-        x = torch.tensor(prompts[: args.check_prompts], device=dev)
-        ref = loaded.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.check_tokens,
-                                    min_new_tokens=args.check_tokens, do_sample=False, pad_token_id=0)
-        out["reference_ids"] = ref[:, x.shape[1]:].tolist()
+        from mcr_exit.models.tokens import resolve_bos
+        from mcr_exit.serving.engine import eos_ids_of
+
+        eos = sorted(eos_ids_of(loaded.model, loaded.tokenizer)) or None
+        bos = resolve_bos(loaded.tokenizer, "auto")  # the server prepends it to token-id prompts too
+        refs = []
+        for p in prompts[: args.check_prompts]:  # one at a time: no padding in the reference
+            x = torch.tensor([[bos.token_id, *p] if bos.prepend else p], device=dev)
+            ids = loaded.model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                                        max_new_tokens=args.check_tokens, eos_token_id=eos,
+                                        pad_token_id=0)[0, x.shape[1]:].tolist()
+            refs.append(next((ids[:i] for i, t in enumerate(ids) if eos and t in eos), ids))
+        out["reference_texts"] = [loaded.tokenizer.decode(r, skip_special_tokens=True) for r in refs]
         weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
         out["weight_bytes"] = weight_bytes
         if torch.device(dev).type == "cuda":
@@ -188,7 +197,7 @@ async def drive(args, url: str, inputs, prompts, proc) -> dict:
                                                      max_tokens=args.max_new_tokens)
     res["gen_under_embed"] = await streams_under_embedding_load(client, prompts[:most], args.max_tokens, inputs,
                                                                 rate=0.5 * res["embed"]["seq_s"])
-    res["greedy"] = await greedy_token_ids(client, prompts[: args.check_prompts], args.check_tokens)
+    res["greedy"] = await greedy_texts(client, prompts[: args.check_prompts], args.check_tokens)
     # shutdown with streams open: SIGINT, then the time until the process has exited
     streams = asyncio.ensure_future(stream_throughput(client, prompts[:most], args.max_new_tokens, tolerate=True))
     await asyncio.sleep(1.0)
@@ -206,7 +215,13 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
 
     dev = torch.cuda.get_device_name(0) if torch.device(args.device).type == "cuda" else \
         (platform.processor() or platform.machine())
-    share, prefix = identical_share(res["greedy"], anchors["reference_ids"])
+    same_texts = sum(a == b for a, b in zip(res["greedy"], anchors["reference_texts"]))
+    if args.config:  # the id tokenizer's text is the token ids: compare token by token
+        share, prefix = identical_share([[int(t) for t in x.split()] for x in res["greedy"]],
+                                        [[int(t) for t in x.split()] for x in anchors["reference_texts"]])
+        agreement = f"{share:.1%} of tokens (mean identical prefix {prefix:.1f} tokens)"
+    else:
+        agreement = f"{same_texts} of {len(res['greedy'])} completions identical"
     emb, idle, mixed = res["embed"], res["embed_idle"], res["mixed_latency"]
     g = res["gen"]
     eng = anchors["engine"]
@@ -257,7 +272,7 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
         f"| {most} streams with embeddings offered at half capacity ({under['embedding_seq_s_offered']:.0f} seq/s), "
         f"tokens/s | {under['tok_s']:.0f} ({under['tok_s'] / g[most]['tok_s'] - 1:+.0%}) | fall <= 20 % |",
         f"| greedy tokens identical to `generate` ({len(res['greedy'])} prompts x {args.check_tokens}) | "
-        f"{share:.1%} (mean identical prefix {prefix:.1f} tokens) | - |",
+        f"{agreement} | - |",
         f"| SIGINT with {most} streams open -> process exited | {res['shutdown_s']:.2f} s | <= 2 s |",
         "",
     ]
