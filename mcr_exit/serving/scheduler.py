@@ -164,6 +164,10 @@ class Scheduler:
                 for job, _ in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
+            finally:  # the batch's tokens count against the queue's budget until they have run
+                with self.embed_cond:
+                    self.queued_tokens -= sum(len(job.ids[i]) for job, i in batch)
+                    self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
         with self.embed_cond:
             pieces, self.pieces = list(self.pieces), deque()
         for job, _ in pieces:
@@ -187,7 +191,6 @@ class Scheduler:
             if fits or not batch and layer is None:
                 batch.append((job, i))
                 layer, longest = job.layer, max(longest, n)
-                self.queued_tokens -= n
             else:
                 kept.append((job, i))
                 if len(batch) >= self.config.max_batch_size:
@@ -215,18 +218,12 @@ class Scheduler:
 
     # ---- generation -------------------------------------------------------------------------
     def _admit(self) -> list[GenerationHandle]:
-        """Waiting requests that get a KV slot now (within the prefill token budget); expire the rest."""
+        """Waiting requests that get a KV slot now (within the prefill token budget); then expire those that
+        still wait after ``queue_timeout_s`` (429), and drop those whose client left."""
         admitted, tokens, now = [], 0, time.monotonic()
         pool = self.stepper.pool
-        for handle in list(self.waiting):
-            if handle.cancelled.is_set():
-                self.waiting.remove(handle)
-                continue
-            if now - handle.submitted > self.config.queue_timeout_s:
-                self.waiting.remove(handle)
-                self._error(handle, Overloaded(f"no KV cache slot came free within {self.config.queue_timeout_s:g} s "
-                                               "(the cache is full); retry later", code="kv_cache_full"))
-                continue
+        for handle in [h for h in self.waiting if h.cancelled.is_set()]:
+            self.waiting.remove(handle)
         while self.waiting:
             n = len(self.waiting[0].req.prompt_ids)
             if admitted and tokens + n > self.config.max_batch_tokens:
@@ -235,6 +232,12 @@ class Scheduler:
                 break
             admitted.append(self.waiting.popleft())
             tokens += n
+        full = self.generator is None and (pool is None or pool.n_free - len(admitted) <= 0)
+        for handle in [h for h in self.waiting if now - h.submitted > self.config.queue_timeout_s]:
+            self.waiting.remove(handle)
+            why = ("no KV cache slot came free" if full else "the request waited behind earlier prefills")
+            self._error(handle, Overloaded(f"{why} within {self.config.queue_timeout_s:g} s; retry later",
+                                           code="kv_cache_full" if full else "queue_timeout"))
         self.metrics.set("mcr_exit_queue_depth", len(self.waiting), kind="generation")
         return admitted
 
