@@ -29,6 +29,7 @@ def choose_layer_command(profile_path, lens_file, lmeval_file, probe_file, mteb_
     choice = choose_layer(cfg)
     write_choice(choice)
     src = choice.profile["embedding_layer_source"]
-    click.echo(f"embedding_layer = hidden {choice.profile['embedding_layer']} ({src.get('method')}: {src.get('reason')})")
+    layer = choice.profile["embedding_layer"]
+    click.echo(f"embedding_layer = hidden {layer} ({src.get('method')}: {src.get('reason')})")
     if choice.figure:
         click.echo(f"figure: {choice.figure}")
