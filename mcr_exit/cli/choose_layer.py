@@ -20,23 +20,16 @@ import click
 @click.option("--dry-run", is_flag=True, help="Report the choice without rewriting the profile.")
 def choose_layer_command(profile_path, lens_file, lmeval_file, probe_file, mteb_file, figure, dry_run):
     """Set embedding_layer from embedding-task evidence (MTEB, else probes); otherwise keep the default."""
-    from pathlib import Path
+    from mcr_exit.evaluation.choose import choose_layer
+    from mcr_exit.evaluation.configs import ChooseLayerConfig
+    from mcr_exit.evaluation.writers import write_choice
 
-    from mcr_exit.phase_profile import read_profile
-    from mcr_exit.evaluation.choose import apply_evidence, embedding_evidence, update_profile_file
-    from mcr_exit.evaluation.plots import figure8
-    from mcr_exit.evaluation.results import read_curve
-
-    docs = {k: read_curve(p, k) if p else None for k, p in
-            (("lens", lens_file), ("lmeval", lmeval_file), ("probe", probe_file), ("mteb", mteb_file))}
-    evidence = embedding_evidence(mteb=docs["mteb"], probe=docs["probe"])
-    if dry_run:
-        doc = apply_evidence(read_profile(profile_path), evidence)
-    else:
-        doc = update_profile_file(profile_path, evidence)
-    src = doc["embedding_layer_source"]
-    click.echo(f"embedding_layer = hidden {doc['embedding_layer']} ({src.get('method')}: {src.get('reason')})")
-    if any(docs.values()):
-        out = Path(figure) if figure else Path(profile_path).parent / "figure8_downstream.png"
-        figure8(**docs, profile=doc, out=out)
-        click.echo(f"figure: {out}")
+    cfg = ChooseLayerConfig(profile_path=profile_path, lens_file=lens_file, lmeval_file=lmeval_file,
+                            probe_file=probe_file, mteb_file=mteb_file, figure=figure, dry_run=dry_run)
+    choice = choose_layer(cfg)
+    write_choice(choice)
+    src = choice.profile["embedding_layer_source"]
+    layer = choice.profile["embedding_layer"]
+    click.echo(f"embedding_layer = hidden {layer} ({src.get('method')}: {src.get('reason')})")
+    if choice.figure:
+        click.echo(f"figure: {choice.figure}")

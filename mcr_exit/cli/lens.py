@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
+from mcr_exit.cli.evaluation_options import eval_options, load_for_eval, write_and_log
 from mcr_exit.cli.options import bos_option, model_options, tracking_options
 from mcr_exit.cli.progress import progress_bar
 from mcr_exit.tracking import command_run
@@ -37,23 +37,18 @@ def lens_row_text(row: dict, n_layers: int) -> str:
 def lens_command(model, revision, dtype, device, data, field, window, max_windows, batch_size, chunk_tokens, bos,
                  layers, output_dir, tracking_uri, experiment, no_mlflow):
     """Next-token cross-entropy, perplexity and entropy of the LogitLens at every layer."""
-    from mcr_exit.data import load_prompts
-    from mcr_exit.evaluation.lens import logit_lens
-    from mcr_exit.evaluation.plots import figure8
-    from mcr_exit.evaluation.results import curve_document
+    from mcr_exit.evaluation.commands import lens_inputs, run_lens
+    from mcr_exit.evaluation.configs import LensConfig
 
-    prompts = load_prompts(data, field=field)
-    loaded = load_for_eval(model, revision, dtype, device)
-    result = logit_lens(loaded, prompts.texts, window=window, max_windows=max_windows, batch_size=batch_size,
-                        bos=bos, chunk_tokens=chunk_tokens, layers=parse_layers(layers),
-                        progress_factory=lambda total: progress_bar(total, desc="lens", unit="window"))
-    doc = curve_document("lens", result, loaded=loaded,
-                         data={"name": prompts.name, "source": prompts.source, "digest": prompts.digest})
-    out = output_dir_for(output_dir, "lens", loaded.spec.name)
-    figure8(lens=doc, out=out / "lens.png")
-    tail = finish(doc, out, no_mlflow=no_mlflow, tracking_uri=tracking_uri, experiment=experiment,
-                  params={"data": prompts.source, **result.config, "n_windows": result.n_windows})
-    L = loaded.adapter.n_layers
-    for row in result.rows():
-        click.echo(lens_row_text(row, L))
-    click.echo(f"{loaded.spec.name}: {result.n_windows} windows x {window} tokens; {tail}")
+    cfg = LensConfig(model=model, revision=revision, dtype=dtype, device=device, data=data, field=field,
+                     window=window, max_windows=max_windows, batch_size=batch_size, chunk_tokens=chunk_tokens,
+                     bos=bos, layers=layers, output_dir=output_dir, tracking_uri=tracking_uri,
+                     experiment=experiment, mlflow=not no_mlflow)
+    prompts = lens_inputs(cfg)
+    loaded = load_for_eval(cfg.model, cfg.revision, cfg.dtype, cfg.device)
+    run = run_lens(cfg, loaded, prompts,
+                   progress_factory=lambda total: progress_bar(total, desc="lens", unit="window"))
+    tail = write_and_log(run, cfg)
+    for row in run.result.rows():
+        click.echo(lens_row_text(row, run.n_layers))
+    click.echo(f"{run.model_name}: {run.result.n_windows} windows x {cfg.window} tokens; {tail}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
+from mcr_exit.cli.evaluation_options import eval_options, load_for_eval, write_and_log
 from mcr_exit.cli.options import bos_option, model_options, tracking_options
 from mcr_exit.cli.progress import progress_bar
 from mcr_exit.tracking import command_run
@@ -26,23 +26,17 @@ from mcr_exit.tracking import command_run
 def lmeval_command(model, revision, dtype, device, tasks, task_files, include_defaults, limit, batch_size, bos, layers,
                    output_dir, tracking_uri, experiment, no_mlflow):
     """Accuracy per layer of lm-eval tasks, scored by lm-eval itself on the lens logits."""
-    from mcr_exit.evaluation.lmeval_model import BUNDLED_TASKS, lmeval_sweep
-    from mcr_exit.evaluation.plots import figure8
-    from mcr_exit.evaluation.results import curve_document
+    from mcr_exit.evaluation.commands import run_lmeval
+    from mcr_exit.evaluation.configs import LmevalConfig
 
-    names = list(tasks) or ([] if task_files else list(BUNDLED_TASKS))
-    loaded = load_for_eval(model, revision, dtype, device)
-    result = lmeval_sweep(loaded, names, layers=parse_layers(layers), task_files=list(task_files), limit=limit,
-                          batch_size=batch_size, bos=bos, include_defaults=include_defaults,
-                          progress_factory=lambda total: progress_bar(total, desc="lmeval", unit="layer"))
-    doc = curve_document("lmeval", result, loaded=loaded, data={"name": "+".join(result.tasks),
-                                                                 "task_files": list(task_files)})
-    out = output_dir_for(output_dir, "lmeval", loaded.spec.name)
-    figure8(lmeval=doc, out=out / "lmeval.png")
-    tail = finish(doc, out, no_mlflow=no_mlflow, tracking_uri=tracking_uri, experiment=experiment,
-                  params={"tasks": ",".join(result.tasks), **result.config})
-    L = loaded.adapter.n_layers
-    for row in result.rows():
+    cfg = LmevalConfig(model=model, revision=revision, dtype=dtype, device=device, tasks=tasks,
+                       task_files=task_files, include_defaults=include_defaults, limit=limit,
+                       batch_size=batch_size, bos=bos, layers=layers, output_dir=output_dir,
+                       tracking_uri=tracking_uri, experiment=experiment, mlflow=not no_mlflow)
+    loaded = load_for_eval(cfg.model, cfg.revision, cfg.dtype, cfg.device)
+    run = run_lmeval(cfg, loaded, progress_factory=lambda total: progress_bar(total, desc="lmeval", unit="layer"))
+    tail = write_and_log(run, cfg)
+    for row in run.result.rows():
         accs = "  ".join(f"{k.removesuffix('/acc')} {v:.3f}" for k, v in row.items() if k.endswith("/acc"))
-        click.echo(f"  hidden {row['layer']:>3} ({row['layer'] / L:4.0%})  {accs}")
-    click.echo(f"{loaded.spec.name}: {tail}")
+        click.echo(f"  hidden {row['layer']:>3} ({row['layer'] / run.n_layers:4.0%})  {accs}")
+    click.echo(f"{run.model_name}: {tail}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from mcr_exit.cli.evaluation_options import eval_options, finish, load_for_eval, output_dir_for, parse_layers
+from mcr_exit.cli.evaluation_options import eval_options, load_for_eval, write_and_log
 from mcr_exit.cli.options import (
     bos_option,
     max_length_option,
@@ -40,35 +40,22 @@ def probe_command(model, revision, dtype, device, train_file, test_file, text_fi
                   test_fraction, seed, pooling, c, max_length, batch_size, bos, cache_dir, layers, output_dir,
                   tracking_uri, experiment, no_mlflow):
     """Linear-probe accuracy at every layer (one forward pass per batch for all layers)."""
-    from dataclasses import replace
+    from mcr_exit.evaluation.commands import probe_inputs, run_probe
+    from mcr_exit.evaluation.configs import ProbeConfig
 
-    from mcr_exit.evaluation.probes import probe_layers, read_labelled
-    from mcr_exit.evaluation.results import curve_document
-
-    train = read_labelled(train_file, text_field=text_field, label_field=label_field)
-    test = read_labelled(test_file, text_field=text_field, label_field=label_field) if test_file else None
-    if max_examples:
-        train = replace(train, texts=train.texts[:max_examples], labels=train.labels[:max_examples])
-        test = test and replace(test, texts=test.texts[:max_examples], labels=test.labels[:max_examples])
-    loaded = load_for_eval(model, revision, dtype, device)
-    result = probe_layers(loaded, train, test, test_fraction=test_fraction, seed=seed, pooling=pooling,
-                          layers=parse_layers(layers), c=c, cache_dir=cache_dir, bos=bos, max_length=max_length,
-                          max_batch=batch_size)
-    from pathlib import Path
-
-    doc = curve_document("probe", result, loaded=loaded, data={
-        "name": Path(train_file).stem, "train": train.source, "test": test.source if test else None,
-        "max_examples": max_examples})
-    out = output_dir_for(output_dir, "probe", loaded.spec.name)
-    from mcr_exit.evaluation.plots import figure8
-
-    figure8(probe=doc, out=out / "probe.png")
-    tail = finish(doc, out, no_mlflow=no_mlflow, tracking_uri=tracking_uri, experiment=experiment,
-                  params={"train": train.source, "test": test.source if test else "", **result.config,
-                          "n_train": result.n_train, "n_test": result.n_test})
-    L = loaded.adapter.n_layers
+    cfg = ProbeConfig(model=model, revision=revision, dtype=dtype, device=device, train_file=train_file,
+                      test_file=test_file, text_field=text_field, label_field=label_field,
+                      max_examples=max_examples, test_fraction=test_fraction, seed=seed, pooling=pooling, c=c,
+                      max_length=max_length, batch_size=batch_size, bos=bos, cache_dir=cache_dir, layers=layers,
+                      output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment,
+                      mlflow=not no_mlflow)
+    inputs = probe_inputs(cfg)
+    loaded = load_for_eval(cfg.model, cfg.revision, cfg.dtype, cfg.device)
+    run = run_probe(cfg, loaded, inputs)
+    tail = write_and_log(run, cfg)
+    result, n_layers = run.result, run.n_layers
     for row in result.rows():
-        click.echo(f"  hidden {row['layer']:>3} ({row['layer'] / L:4.0%})  train {row['train_accuracy']:.3f}  "
+        click.echo(f"  hidden {row['layer']:>3} ({row['layer'] / n_layers:4.0%})  train {row['train_accuracy']:.3f}  "
                    f"test {row['test_accuracy']:.3f}")
-    click.echo(f"{loaded.spec.name}: best hidden {result.best_layer}, {result.n_train} train / {result.n_test} test, "
+    click.echo(f"{run.model_name}: best hidden {result.best_layer}, {result.n_train} train / {result.n_test} test, "
                f"majority {result.majority_baseline:.3f}; {tail}")

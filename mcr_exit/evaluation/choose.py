@@ -8,7 +8,7 @@ scores per layer and the default it replaced. Without such evidence the profile 
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +66,33 @@ def apply_evidence(profile: dict, evidence: dict | None) -> dict:
 
 
 def update_profile_file(path: str | Path, evidence: dict | None) -> dict:
-    """Rewrite phase_profile.json in place with the chosen layer; returns the new document."""
+    """Rewrite phase_profile.json in place (whole or not at all) with the chosen layer; returns the new document."""
+    from mcr_exit.evaluation.writers import write_profile_doc
+
     doc = apply_evidence(read_profile(path), evidence)
     if evidence is not None:
-        Path(path).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+        write_profile_doc(doc, Path(path))
     return doc
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerChoice:
+    """choose-layer's result: the profile with its embedding layer chosen, and what to draw."""
+
+    profile: dict
+    profile_path: Path
+    rewrite: bool  # False with --dry-run, or when no evidence changed anything
+    curves: dict[str, dict | None]  # lens, lmeval, probe, mteb result documents (None: not given)
+    figure: Path | None  # where Figure 8 goes; None when no curve was given
+
+
+def choose_layer(cfg) -> LayerChoice:
+    """Read the profile and the curves of a ``ChooseLayerConfig``; choose the layer (nothing is written)."""
+    from mcr_exit.evaluation.results import read_curve
+
+    curves = {kind: read_curve(path, kind) if path else None for kind, path in cfg.curve_files.items()}
+    evidence = embedding_evidence(mteb=curves["mteb"], probe=curves["probe"])
+    profile = apply_evidence(read_profile(cfg.profile_path), evidence)
+    return LayerChoice(profile=profile, profile_path=Path(cfg.profile_path),
+                       rewrite=evidence is not None and not cfg.dry_run, curves=curves,
+                       figure=cfg.figure_path if any(curves.values()) else None)

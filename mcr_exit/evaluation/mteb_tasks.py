@@ -18,8 +18,9 @@ import numpy as np
 
 from mcr_exit.data.sources import _records_from_file
 from mcr_exit.errors import ConfigError, DataError, MissingExtraError
+from mcr_exit.evaluation.configs import MTEB_KINDS, parse_custom_spec  # noqa: F401  (defined there, once)
 
-KINDS = ("classification", "sts", "clustering", "retrieval")
+KINDS = MTEB_KINDS
 _FIELDS = {
     "classification": ("text", "label"), "sts": ("sentence1", "sentence2", "score"),
     "clustering": ("text", "label"), "retrieval": ("query", "document"),
@@ -140,14 +141,6 @@ def custom_task(kind: str, path: str | Path, *, name: str | None = None, seed: i
 
     attrs["load_data"] = load_data
     return type(task_name, (base,), attrs)()
-
-
-def parse_custom_spec(spec: str) -> tuple[str, str]:
-    """'KIND:PATH' -> (kind, path)."""
-    kind, sep, path = spec.partition(":")
-    if not sep or kind not in KINDS:
-        raise ConfigError(f"--custom-task must be KIND:PATH with KIND one of {', '.join(KINDS)}, got '{spec}'")
-    return kind, path
 
 
 def named_tasks(names: list[str]) -> list:

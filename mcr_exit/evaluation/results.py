@@ -1,4 +1,5 @@
-"""Result files (one JSON + CSV per curve) and their MLflow runs (one metric history per key, step = layer)."""
+"""Curve documents (one per downstream result; written by writers.write_curve_run) and their MLflow logging
+(one metric history per key, step = layer)."""
 
 from __future__ import annotations
 
@@ -37,17 +38,6 @@ def curve_document(kind: str, result, *, loaded, data: dict) -> dict:
         "n_layers": loaded.adapter.n_layers, "data": data,
         "rows": result.rows(), "result": body,
     })
-
-
-def write_curve(doc: dict, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{doc['kind']}.json"
-    path.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    import pandas as pd
-
-    pd.DataFrame(doc["rows"]).to_csv(out / f"{doc['kind']}.csv", index=False)
-    return path
 
 
 def read_curve(path: str | Path, kind: str | None = None) -> dict:
@@ -98,3 +88,14 @@ def log_curve(doc: dict, out_dir: Path, *, tracking_uri, experiment: str, params
     with tracked_run(tracking_uri=tracking_uri, experiment=experiment, run_name=name,
                      tags=run_tags(doc["kind"], model=doc["model"]["name"])) as run:
         return _log_curve_into(run, doc, out_dir, params)
+
+
+def log_curve_run(run, cfg) -> str | None:
+    """Log a finished ``CurveRun`` (already written to ``run.output_dir``) into the command's run, opened
+    before the work (tracking.command_run); None with --no-mlflow."""
+    if not cfg.mlflow:
+        return None
+    from mcr_exit.tracking import command_run_logger
+
+    return log_curve(run.doc, run.output_dir, tracking_uri=cfg.tracking_uri, experiment=cfg.experiment,
+                     params=run.params, logger=command_run_logger())
