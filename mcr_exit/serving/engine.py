@@ -33,6 +33,9 @@ from mcr_exit.serving.scheduler import Scheduler
 
 log = logging.getLogger("mcr_exit.serving")
 MAX_SEED = 2**63 - 1
+# A text longer than max_input_tokens x this many characters is refused (or cut, with truncate) before the
+# tokenizer sees it. Tokens of natural text average ~4 characters; few tokenizers have any longer than 64.
+MAX_CHARS_PER_TOKEN = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +48,8 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # KV pool size in tokens ...
     kv_cache_memory: float | None = None  # ... or as a fraction of the GPU's memory (default 0.9 on a GPU)
     max_inputs: int = 256  # inputs per embedding request
+    max_prompts: int = 16  # prompts per completions request, at most max_queue (each takes a queue place)
+    max_request_tokens: int = 65536  # input tokens per embedding request, all inputs together
     max_input_tokens: int = 2048  # tokens per input or prompt (BOS included)
     max_new_tokens: int = 1024  # cap on a request's max_tokens
     max_layer: int | None = None  # highest hidden index a request may ask for; None = L
@@ -60,7 +65,7 @@ class EngineConfig:
         if POOLING_ALIASES.get(self.pooling, self.pooling) not in POOLINGS:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         for name in ("max_queue", "max_queue_tokens", "max_batch_tokens", "max_batch_size", "max_running",
-                     "max_inputs", "max_input_tokens", "max_new_tokens"):
+                     "max_inputs", "max_prompts", "max_request_tokens", "max_input_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.kv_cache_tokens is not None and self.kv_cache_memory is not None:
@@ -284,19 +289,49 @@ class Engine:
         self.startup_report.update(warmup_s=round(time.perf_counter() - t0, 2))
 
     # ---- tokenization (cheap; the routes run it off the event loop) ----------------------------
+    def check_text_length(self, n_chars: int, param: str, index: int | None = None) -> None:
+        """400 for text too long to fit max_input_tokens whatever its tokens, before anything tokenizes it."""
+        limit = self.config.max_input_tokens * MAX_CHARS_PER_TOKEN
+        if n_chars > limit:
+            where = param if index is None else f"{param}[{index}]"
+            hint = " (send truncate=true to cut it)" if param == "input" else ""
+            raise InvalidRequest(f"{where} has {n_chars} characters, more than {limit} "
+                                 f"({self.config.max_input_tokens} tokens at most){hint}", param=param)
+
     def encode_texts(self, texts: list[str], *, truncate: bool = False, param: str = "input") -> list[list[int]]:
         """Token ids exactly as the analysis made them (``encode_prompts`` with the BOS policy "auto")."""
+        self.check_count(len(texts), param)
+        cut = self.config.max_input_tokens * MAX_CHARS_PER_TOKEN
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise InvalidRequest(f"{param}[{i}] is an empty string", param=param)
+            if not truncate:
+                self.check_text_length(len(t), param, i)
+        if truncate and any(len(t) > cut for t in texts):
+            return [self._encode_cut(t, cut, param) for t in texts]
+        return self._check_lengths(self._encode(texts, param), truncate, param)
+
+    def _encode(self, texts: list[str], param: str) -> list[list[int]]:
         try:
             enc = encode_prompts(self.loaded.tokenizer, texts, self.bos, max_length=10**9)
         except DataError as exc:
             raise InvalidRequest(f"{param} has no tokens: {exc}", param=param) from exc
+        except (TypeError, ValueError, UnicodeError) as exc:  # what a tokenizer raises on text it cannot take
+            raise InvalidRequest(f"{param} could not be tokenized: {type(exc).__name__}", param=param) from exc
         if len(enc.kept) != len(texts):
             bad = sorted(set(range(len(texts))) - set(enc.kept))[0]
             raise InvalidRequest(f"{param}[{bad}] has no tokens", param=param)
-        return self._check_lengths(enc.ids, truncate, param)
+        return enc.ids
+
+    def _encode_cut(self, text: str, cut: int, param: str) -> list[int]:
+        """The first max_input_tokens tokens of a text, tokenizing only its first ``cut`` characters when
+        those hold well over max_input_tokens tokens (the cut then lies far past the tokens kept)."""
+        limit = self.config.max_input_tokens
+        if len(text) > cut:
+            ids = self._encode([text[:cut]], param)[0]
+            if len(ids) > limit + 64:
+                return ids[:limit]
+        return self._encode([text], param)[0][:limit]
 
     def encode_token_ids(self, batch: list[list[int]], *, truncate: bool = False, param: str = "input"):
         out = []
@@ -311,11 +346,19 @@ class Engine:
             out.append(ids)
         return self._check_lengths(out, truncate, param)
 
+    def check_count(self, n: int, param: str) -> None:
+        """400 for more inputs (embeddings: --max-inputs) or prompts (--max-prompts) than one request may hold."""
+        cfg = self.config  # more prompts than --max-queue could never be queued whole
+        if param == "input":
+            cap, what = cfg.max_inputs, "inputs"
+        else:
+            cap, what = min(cfg.max_prompts, cfg.max_queue), "prompts"
+        if n > cap:
+            raise InvalidRequest(f"{n} {what} exceed the limit of {cap} per request", param=param)
+
     def _check_lengths(self, ids: list[list[int]], truncate: bool, param: str) -> list[list[int]]:
         limit = self.config.max_input_tokens
-        if len(ids) > self.config.max_inputs:
-            raise InvalidRequest(f"{len(ids)} inputs exceed the limit of {self.config.max_inputs} per request",
-                                 param=param)
+        self.check_count(len(ids), param)
         for i, x in enumerate(ids):
             if len(x) > limit and not truncate:
                 hint = " (send truncate=true to cut it)" if param == "input" else ""
@@ -325,8 +368,13 @@ class Engine:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         tok = self.loaded.tokenizer
+        self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
         if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            try:
+                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            except (TypeError, ValueError, UnicodeError) as exc:
+                raise InvalidRequest(f"messages could not be tokenized: {type(exc).__name__}",
+                                     param="messages") from exc
             ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
         else:  # a tokenizer without a template: a plain "role: content" transcript
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
@@ -350,6 +398,11 @@ class Engine:
         pooling = POOLING_ALIASES.get(pooling or self.config.pooling, pooling or self.config.pooling)
         if pooling not in POOLINGS:
             raise InvalidRequest(f"pooling must be one of {', '.join(POOLINGS)}", param="pooling")
+        n_tokens = sum(len(x) for x in ids)
+        if n_tokens > self.config.max_request_tokens:
+            raise InvalidRequest(f"the inputs hold {n_tokens} tokens, more than this server's limit of "
+                                 f"{self.config.max_request_tokens} per request; send fewer or shorter inputs",
+                                 param="input", code="request_too_large")
         self._require_ready()
         job = EmbedJob(ids=ids, layer=layer, pooling=pooling,
                        normalize=self.config.normalize if normalize is None else normalize,
