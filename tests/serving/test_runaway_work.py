@@ -13,11 +13,11 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-import mcr_exit.serving.engine as engine_module
+import mcr_exit.serving.inputs as inputs_module
 from mcr_exit.serving.app import create_app
-from mcr_exit.serving.engine import MAX_CHARS_PER_TOKEN
+from mcr_exit.serving.inputs import MAX_CHARS_PER_TOKEN
 from mcr_exit.serving.jobs import GenerationRequest
-from tests.serving.conftest import build_engine, engine_held, running_server
+from tests.serving.conftest import build_engine, engine_held, running_server, slow_decode, submissions
 
 LIMIT = 64  # the module server's max_input_tokens
 
@@ -25,7 +25,7 @@ LIMIT = 64  # the module server's max_input_tokens
 @pytest.fixture
 def tokenized(monkeypatch, server):
     """The texts that reach the tokenizer, as (number of texts, longest text) per call."""
-    calls, real = [], engine_module.encode_prompts
+    calls, real = [], inputs_module.encode_prompts
     tokenizer = server[1].loaded.tokenizer
 
     def record(tok, texts, *args, **kwargs):
@@ -36,7 +36,7 @@ def tokenized(monkeypatch, server):
         calls.append((len(messages), max(len(m["content"]) for m in messages)))
         return real_chat(messages, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "encode_prompts", record)
+    monkeypatch.setattr(inputs_module, "encode_prompts", record)
     real_chat = tokenizer.apply_chat_template
     monkeypatch.setattr(tokenizer, "apply_chat_template", record_chat)
     return calls
@@ -69,14 +69,14 @@ def test_truncate_tokenizes_only_a_prefix_and_keeps_the_same_tokens(server, toke
 
 def test_health_answers_while_a_text_is_tokenized(server, monkeypatch):
     inside, release = threading.Event(), threading.Event()
-    real = engine_module.encode_prompts
+    real = inputs_module.encode_prompts
 
     def slow(*args, **kwargs):
         inside.set()
         release.wait(30)  # a tokenizer busy with a huge text
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "encode_prompts", slow)
+    monkeypatch.setattr(inputs_module, "encode_prompts", slow)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(httpx.post, server[0] + "/v1/embeddings", json={"input": "big"}, timeout=60)
         try:
@@ -153,3 +153,22 @@ def test_a_refused_completion_leaves_nothing_queued(tiny4, tiny4_profile):
         assert not engine.scheduler.waiting and engine.stepper.pool.n_used == 0
         # only the held and the direct prompt were ever prefilled
         assert engine.metrics.get("mcr_exit_tokens_total", kind="prompt") == prompt_tokens + len(hold_ids) + len(other)
+
+
+def test_a_gone_client_frees_its_generation(tiny4, tiny4_profile, monkeypatch):
+    engine = build_engine(tiny4, tiny4_profile)
+    with running_server(create_app(engine)) as url:
+        slow_decode(monkeypatch, engine, 0.2)  # 60 tokens would take 12 s
+        monkeypatch.setattr(engine.scheduler, "eos_ids", set())  # and none ends early
+        queued = submissions(monkeypatch, engine, 1)
+        handles, real = [], engine.scheduler.submit_generation
+        monkeypatch.setattr(engine.scheduler, "submit_generation", lambda h: (handles.append(h), real(h)))
+        body = json.dumps({"prompt": "a long answer", "max_tokens": 60, "temperature": 0}).encode()
+        parts = urlsplit(url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            assert queued.wait(30)
+        out = handles[0].future.result(10)  # the client left: the sequence stops, its KV slot is freed
+        assert out.finish_reason == "abort" and out.completion_tokens < 60
+        assert engine.stepper.pool.n_used == 0
