@@ -30,7 +30,12 @@ def _check_serve_extra() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (0.0.0.0 to expose).")
 @click.option("--port", type=int, default=8000, show_default=True, help="TCP port to listen on.")
 @click.option("--api-key", envvar="MCR_EXIT_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on every route but /health. Env: MCR_EXIT_API_KEY.")
+              help="Require 'Authorization: Bearer KEY' on every route but /health. Prefer the env var "
+              "MCR_EXIT_API_KEY or --api-key-file: a key on the command line shows in `ps`.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="Read the API key from this file (its first line).")
+@click.option("--no-docs", is_flag=True,
+              help="Turn off /docs, /redoc and /openapi.json (with an API key they are behind it).")
 @click.option("--served-model-name", multiple=True, help="Extra model name(s) clients may send.")
 @click.option("--engine", "engine_kind", type=click.Choice(["transformers", "vllm"]), default="transformers",
               show_default=True, help="Generation engine; embeddings always use the early-exit path.")
@@ -55,6 +60,10 @@ def _check_serve_extra() -> None:
               help="KV cache size as a fraction of the GPU's memory, next to the weights and the largest "
               "forward. Default on a GPU: 0.9.")
 @click.option("--max-inputs", type=int, default=256, show_default=True, help="Inputs per embedding request.")
+@click.option("--max-request-tokens", type=int, default=65536, show_default=True,
+              help="Input tokens per embedding request, all inputs together (more: 400).")
+@click.option("--max-prompts", type=int, default=16, show_default=True,
+              help="Prompts per completions request (at most --max-queue).")
 @click.option("--max-input-tokens", type=int, default=2048, show_default=True, help="Tokens per input.")
 @click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="Cap on max_tokens.")
 @click.option("--max-body-bytes", type=int, default=4 * 1024 * 1024, show_default=True,
@@ -65,14 +74,22 @@ def _check_serve_extra() -> None:
               help="Seconds a generation request may go without a new token (a stream that progresses runs on).")
 @click.option("--queue-timeout", type=float, default=30.0, show_default=True,
               help="Seconds a generation request may wait for a KV cache slot before 429.")
+@click.option("--read-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a client may take to send a request's headers and body; then the connection "
+              "is closed (0: no limit).")
 @click.option("--no-cuda-graphs", is_flag=True, help="Run decode steps eagerly instead of replaying CUDA graphs.")
-def serve_command(model, revision, dtype, device, profile_src, tracking_uri, host, port, api_key,
-                  served_model_name, engine_kind, gpu_memory_utilization, tensor_parallel_size, max_layer,
+def serve_command(model, revision, dtype, device, profile_src, tracking_uri, host, port, api_key, api_key_file,
+                  no_docs, served_model_name, engine_kind, gpu_memory_utilization, tensor_parallel_size, max_layer,
                   pooling, no_normalize, max_queue, max_queue_tokens, max_batch_tokens, max_batch_size, max_running,
-                  kv_cache_tokens, kv_cache_memory, max_inputs, max_input_tokens, max_new_tokens, max_body_bytes,
-                  timeout, stall_timeout, queue_timeout, no_cuda_graphs):
+                  kv_cache_tokens, kv_cache_memory, max_inputs, max_request_tokens, max_prompts, max_input_tokens,
+                  max_new_tokens, max_body_bytes, timeout, stall_timeout, queue_timeout, read_timeout,
+                  no_cuda_graphs):
     """Serve embeddings from the profile's layer k (early exit) and full-depth completions."""
     _check_serve_extra()
+    api_key = _resolve_api_key(api_key, api_key_file)
+    if api_key is None and not _is_loopback(host):
+        click.echo(f"warning: serving on {host} without an API key: anyone who can reach this address can use "
+                   "the model (set MCR_EXIT_API_KEY or --api-key-file)", err=True)
     if engine_kind == "vllm":
         from mcr_exit.serving.vllm_generator import require_vllm
 
@@ -85,7 +102,8 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
     profile = load_profile_source(profile_src, tracking_uri=tracking_uri)  # before the slow model load
     cfg = EngineConfig(max_queue=max_queue, max_queue_tokens=max_queue_tokens, max_batch_tokens=max_batch_tokens,
                        max_batch_size=max_batch_size, max_running=max_running, kv_cache_tokens=kv_cache_tokens,
-                       kv_cache_memory=kv_cache_memory, max_inputs=max_inputs, max_input_tokens=max_input_tokens,
+                       kv_cache_memory=kv_cache_memory, max_inputs=max_inputs, max_prompts=max_prompts,
+                       max_request_tokens=max_request_tokens, max_input_tokens=max_input_tokens,
                        max_new_tokens=max_new_tokens, max_layer=max_layer, request_timeout_s=timeout,
                        stall_timeout_s=stall_timeout, queue_timeout_s=queue_timeout, pooling=pooling,
                        normalize=not no_normalize, cuda_graphs=not no_cuda_graphs)
@@ -102,15 +120,45 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                                   tensor_parallel_size=tensor_parallel_size)
     engine = Engine(loaded, profile, cfg, generator=generator)
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes,
-                     served_model_names=tuple(served_model_name))
+                     served_model_names=tuple(served_model_name), docs=not no_docs)
     click.echo(f"{loaded.spec.name}: {loaded.n_layers} blocks; {phase_line(profile.phases, loaded.n_layers)}; "
                f"embeddings from hidden {engine.embedding_layer} "
                f"(profile {profile.source}, sha256 {profile.sha256[:12]}); http://{host}:{port}/v1"
                + ("; API key required" if api_key else ""), err=True)
-    run_server(app, engine, host=host, port=port)
+    run_server(app, engine, host=host, port=port, read_timeout=read_timeout)
 
 
-def run_server(app, engine, *, host: str, port: int, log_level: str = "info") -> None:
+def _resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
+    """The key from --api-key / MCR_EXIT_API_KEY or from the first line of --api-key-file (not both)."""
+    from mcr_exit.errors import ConfigError
+
+    if api_key_file is None:
+        return api_key or None
+    if api_key:
+        raise ConfigError("give the API key once: --api-key (or MCR_EXIT_API_KEY) or --api-key-file")
+    try:
+        lines = open(api_key_file, encoding="utf-8").read().splitlines()  # noqa: SIM115 - a one-shot read
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot read --api-key-file {api_key_file}: {type(exc).__name__}") from exc
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ConfigError(f"--api-key-file {api_key_file} holds no key on its first line")
+    return key
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def run_server(app, engine, *, host: str, port: int, log_level: str = "info",
+               read_timeout: float = 30.0) -> None:
     """uvicorn, with SIGINT / SIGTERM also cancelling in-flight generation at once (streams end, the
     connections close, and the process exits without waiting for them to finish)."""
     import uvicorn
@@ -126,7 +174,10 @@ def run_server(app, engine, *, host: str, port: int, log_level: str = "info") ->
     # The engine's threads and the event loop share the GIL: a short switch interval lets a decode step
     # go on as soon as the loop has handed out the last one's text (the default, 5 ms, caps steps).
     sys.setswitchinterval(0.0005)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=1)
+    from mcr_exit.serving.http_timeouts import server_config
+
+    config = server_config(app, host=host, port=port, read_timeout=read_timeout, log_level=log_level,
+                           timeout_graceful_shutdown=1)
     try:
         _Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled: the shutdown already happened

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mcr_exit.errors import ConfigError, DataError
+from mcr_exit.errors import ConfigError
 from mcr_exit.metrics.pooling import DEFAULT_POOLING, POOLING_ALIASES, POOLINGS
 from mcr_exit.models import LoadedModel
-from mcr_exit.models.tokens import encode_prompts, pad_id_of, resolve_bos
+from mcr_exit.models.tokens import pad_id_of, resolve_bos
 from mcr_exit.serving.errors import EngineNotReady, InvalidRequest, RequestTimeout
+from mcr_exit.serving.inputs import InputEncoding
 from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput, GenerationRequest
 from mcr_exit.serving.kv_pool import KVPool
 from mcr_exit.serving.metrics import Metrics
@@ -45,6 +46,8 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # KV pool size in tokens ...
     kv_cache_memory: float | None = None  # ... or as a fraction of the GPU's memory (default 0.9 on a GPU)
     max_inputs: int = 256  # inputs per embedding request
+    max_prompts: int = 16  # prompts per completions request, at most max_queue (each takes a queue place)
+    max_request_tokens: int = 65536  # input tokens per embedding request, all inputs together
     max_input_tokens: int = 2048  # tokens per input or prompt (BOS included)
     max_new_tokens: int = 1024  # cap on a request's max_tokens
     max_layer: int | None = None  # highest hidden index a request may ask for; None = L
@@ -60,7 +63,7 @@ class EngineConfig:
         if POOLING_ALIASES.get(self.pooling, self.pooling) not in POOLINGS:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         for name in ("max_queue", "max_queue_tokens", "max_batch_tokens", "max_batch_size", "max_running",
-                     "max_inputs", "max_input_tokens", "max_new_tokens"):
+                     "max_inputs", "max_prompts", "max_request_tokens", "max_input_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.kv_cache_tokens is not None and self.kv_cache_memory is not None:
@@ -124,7 +127,7 @@ def _coalesce(first: tuple, queue: asyncio.Queue) -> list[tuple]:
     return out
 
 
-class Engine:
+class Engine(InputEncoding):
     def __init__(self, loaded: LoadedModel, profile: ProfileSource | None = None,
                  config: EngineConfig | None = None, *, embedding_layer: int | None = None,
                  generator=None, metrics: Metrics | None = None):
@@ -283,56 +286,6 @@ class Engine:
             self.startup_report.update(cuda_graphs=n)
         self.startup_report.update(warmup_s=round(time.perf_counter() - t0, 2))
 
-    # ---- tokenization (cheap; the routes run it off the event loop) ----------------------------
-    def encode_texts(self, texts: list[str], *, truncate: bool = False, param: str = "input") -> list[list[int]]:
-        """Token ids exactly as the analysis made them (``encode_prompts`` with the BOS policy "auto")."""
-        for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
-                raise InvalidRequest(f"{param}[{i}] is an empty string", param=param)
-        try:
-            enc = encode_prompts(self.loaded.tokenizer, texts, self.bos, max_length=10**9)
-        except DataError as exc:
-            raise InvalidRequest(f"{param} has no tokens: {exc}", param=param) from exc
-        if len(enc.kept) != len(texts):
-            bad = sorted(set(range(len(texts))) - set(enc.kept))[0]
-            raise InvalidRequest(f"{param}[{bad}] has no tokens", param=param)
-        return self._check_lengths(enc.ids, truncate, param)
-
-    def encode_token_ids(self, batch: list[list[int]], *, truncate: bool = False, param: str = "input"):
-        out = []
-        for i, ids in enumerate(batch):
-            if not ids:
-                raise InvalidRequest(f"{param}[{i}] is an empty list of token ids", param=param)
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise InvalidRequest(f"{param}[{i}] has token ids outside 0..{self.vocab_size - 1}", param=param)
-            ids = list(ids)
-            if self.bos.prepend and ids[0] != self.bos.token_id:
-                ids = [self.bos.token_id, *ids]
-            out.append(ids)
-        return self._check_lengths(out, truncate, param)
-
-    def _check_lengths(self, ids: list[list[int]], truncate: bool, param: str) -> list[list[int]]:
-        limit = self.config.max_input_tokens
-        if len(ids) > self.config.max_inputs:
-            raise InvalidRequest(f"{len(ids)} inputs exceed the limit of {self.config.max_inputs} per request",
-                                 param=param)
-        for i, x in enumerate(ids):
-            if len(x) > limit and not truncate:
-                hint = " (send truncate=true to cut it)" if param == "input" else ""
-                raise InvalidRequest(f"{param}[{i}] has {len(x)} tokens, more than the limit of {limit}{hint}",
-                                     param=param)
-        return [x[:limit] for x in ids]
-
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        tok = self.loaded.tokenizer
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        else:  # a tokenizer without a template: a plain "role: content" transcript
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            ids = self.encode_texts([text], param="messages")[0]
-        return self._check_lengths([ids], False, "messages")[0]
-
     # ---- embeddings --------------------------------------------------------------------------
     def _require_ready(self) -> None:
         if self.startup_error:
@@ -350,6 +303,11 @@ class Engine:
         pooling = POOLING_ALIASES.get(pooling or self.config.pooling, pooling or self.config.pooling)
         if pooling not in POOLINGS:
             raise InvalidRequest(f"pooling must be one of {', '.join(POOLINGS)}", param="pooling")
+        n_tokens = sum(len(x) for x in ids)
+        if n_tokens > self.config.max_request_tokens:
+            raise InvalidRequest(f"the inputs hold {n_tokens} tokens, more than this server's limit of "
+                                 f"{self.config.max_request_tokens} per request; send fewer or shorter inputs",
+                                 param="input", code="request_too_large")
         self._require_ready()
         job = EmbedJob(ids=ids, layer=layer, pooling=pooling,
                        normalize=self.config.normalize if normalize is None else normalize,

@@ -46,6 +46,10 @@ class EngineNotReady(ServingError):
     """The engine has not finished warming up (or is shutting down)."""
 
 
+class ClientDisconnected(ServingError):
+    """The client closed the connection before its response; counted as 499 (nobody reads the body)."""
+
+
 # (exception class, HTTP status, OpenAI error type); the first matching row wins, so subclasses come first.
 ERROR_TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (Unauthorized, 401, "authentication_error"),
@@ -54,6 +58,7 @@ ERROR_TABLE: tuple[tuple[type[Exception], int, str], ...] = (
     (Overloaded, 429, "rate_limit_error"),
     (RequestTimeout, 504, "timeout_error"),
     (EngineNotReady, 503, "service_unavailable"),
+    (ClientDisconnected, 499, "client_closed_request"),
     (InvalidRequest, 400, "invalid_request_error"),
     (ConfigError, 400, "invalid_request_error"),
     (DataError, 400, "invalid_request_error"),

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+from pathlib import PurePath
 
-from mcr_exit.serving.errors import InvalidRequest, ModelNotFound, status_and_body
+from starlette.requests import Request  # at module level: FastAPI resolves the routes' annotations here
+
+from mcr_exit.serving.errors import ClientDisconnected, InvalidRequest, ModelNotFound, status_and_body
 from mcr_exit.serving.jobs import GenerationRequest
+from mcr_exit.serving.middleware import STATUS_KEY
 from mcr_exit.serving.schemas import (
     ChatCompletionRequest,
     TextChunks,
@@ -22,6 +27,48 @@ from mcr_exit.serving.schemas import (
 )
 
 CHAT_DEFAULT_MAX_TOKENS = 256
+
+
+def _finite(value, param: str) -> float:
+    """A JSON number as a float; an integer too large for a float is a 400, not an OverflowError."""
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise InvalidRequest(f"{param} must be a finite number", param=param)
+    return out
+
+
+def public_source(source: str) -> str:
+    """A profile source as /v1/models shows it: MLflow URIs as given, a local path by its last part only."""
+    if source.startswith(("runs:/", "models:/")):
+        return source
+    return PurePath(source).name or source.strip("/\\") or "phase_profile.json"
+
+
+async def until_disconnected(receive) -> None:
+    """Return once the client has gone (its request body is read: the next message is the disconnect)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request, work):
+    """Await ``work`` (a coroutine); if the client disconnects first, cancel it and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(until_disconnected(request.receive))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        await asyncio.gather(task, return_exceptions=True)  # let the cancellation reach the engine
+        raise ClientDisconnected("the client closed the connection before the response")
+    return task.result()
 
 
 def _split_inputs(value) -> tuple[list[str], list[list[int]]]:
@@ -55,6 +102,7 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
         texts, token_lists = _split_inputs(value)
         if not texts and not token_lists:
             raise InvalidRequest(f"{param} must not be empty", param=param)
+        engine.check_count(len(texts) + len(token_lists), param)  # before any tokenizing
         if texts:
             return await asyncio.to_thread(engine.encode_texts, texts, truncate=truncate, param=param)
         return engine.encode_token_ids(token_lists, truncate=truncate, param=param)
@@ -63,31 +111,33 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
         if req.n != 1:
             raise InvalidRequest("only n=1 is supported", param="n")
         return GenerationRequest(prompt_ids=prompt_ids, max_tokens=max_tokens if max_tokens is not None else 16,
-                                 temperature=float(req.temperature), top_p=float(req.top_p),
-                                 stop=req.stop_strings(), seed=req.seed)
+                                 temperature=_finite(req.temperature, "temperature"),
+                                 top_p=_finite(req.top_p, "top_p"), stop=req.stop_strings(), seed=req.seed)
 
     @router.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest):
+    async def embeddings(req: EmbeddingRequest, request: Request):
         model = check_model(req.model)
         if req.dimensions is not None and req.dimensions != engine.hidden_size:
             raise InvalidRequest(f"dimensions must be {engine.hidden_size} (no reduction is offered)",
                                  param="dimensions")
         ids = await encode(req.input, "input", req.truncate)
-        result = await engine.embed(ids, layer=req.layer, pooling=req.pooling, normalize=req.normalize)
+        # A client that gives up cancels its job: the batches it has not reached yet are never run.
+        result = await unless_disconnected(request, engine.embed(ids, layer=req.layer, pooling=req.pooling,
+                                                                 normalize=req.normalize))
         return JSONResponse(embedding_response(result.vectors, model=model, prompt_tokens=result.prompt_tokens,
                                                encoding_format=req.encoding_format))
 
     @router.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         model = check_model(req.model)
         gens = [sampling(req, ids, req.max_tokens) for ids in await encode(req.prompt, "prompt")]
         if req.stream:
-            return stream(gens, model, chat=False, include_usage=req.include_usage())
-        outputs = await collect(gens)
+            return stream(gens, model, chat=False, include_usage=req.include_usage(), scope=request.scope)
+        outputs = await unless_disconnected(request, collect(gens))  # a gone client frees its KV slots
         return JSONResponse(completion_response(outputs, model=model))
 
     @router.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         model = check_model(req.model)
         for i, m in enumerate(req.messages):
             if not m.text().strip() and m.role != "assistant":
@@ -100,8 +150,9 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
                                     engine.context_len - len(ids)))
         gen = sampling(req, ids, max_tokens)
         if req.stream:
-            return stream([gen], model, chat=True, include_usage=req.include_usage())
-        return JSONResponse(chat_response((await collect([gen]))[0], model=model))
+            return stream([gen], model, chat=True, include_usage=req.include_usage(), scope=request.scope)
+        outputs = await unless_disconnected(request, collect([gen]))
+        return JSONResponse(chat_response(outputs[0], model=model))
 
     def open_all(gens: list[GenerationRequest], stream_text: bool) -> list:
         """Queue every prompt of a request, or none: a refusal cancels what was queued."""
@@ -124,7 +175,7 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
                 outputs[id(handle)] = value
         return [outputs[id(h)] for h in handles]
 
-    def stream(gens: list[GenerationRequest], model: str, *, chat: bool, include_usage: bool):
+    def stream(gens: list[GenerationRequest], model: str, *, chat: bool, include_usage: bool, scope: dict):
         handles = open_all(gens, stream_text=True)  # 400 / 429 now, before the first byte
         index = {id(h): i for i, h in enumerate(handles)}
         rid = new_id("chatcmpl" if chat else "cmpl")
@@ -153,7 +204,10 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
                     obj = "chat.completion.chunk" if chat else "text_completion"
                     yield f"data: {json.dumps(usage_chunk(rid, model, outputs, obj))}\n\n"
             except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
-                yield f"data: {json.dumps(status_and_body(exc)[1])}\n\n"
+                status, body = status_and_body(exc)
+                if isinstance(scope.get(STATUS_KEY), dict):  # /metrics counts the error's status
+                    scope[STATUS_KEY]["code"] = status
+                yield f"data: {json.dumps(body)}\n\n"
             finally:
                 for h in handles:
                     h.cancel()  # a disconnected client frees its KV slot at the next step
@@ -168,7 +222,8 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
         info = {
             "n_layers": engine.n_layers, "embedding_layer": engine.embedding_layer, "max_layer": engine.max_layer,
             "phases": p.phases if p else None,
-            "profile": {"source": p.source, "sha256": p.sha256, "mlflow_run_id": p.doc.get("mlflow_run_id")}
+            "profile": {"source": public_source(p.source), "sha256": p.sha256,
+                        "mlflow_run_id": p.doc.get("mlflow_run_id")}
             if p else None,
             "pooling": engine.config.pooling, "normalize": engine.config.normalize,
             "generation_engine": "vllm" if engine.generator is not None else "mcr-exit",
@@ -183,7 +238,7 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "mcr-exit",
                                             "mcr_exit": info} for name in names]}
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         engine.metrics.set("mcr_exit_queue_depth", engine.queue_depth())
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -8,18 +8,56 @@ import uuid
 from typing import Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
+
+from mcr_exit.serving.errors import InvalidRequest
 
 TokenIds = list[StrictInt]
 TextOrTokens = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
 Number = Union[StrictInt, StrictFloat]
 
 
+def find_unencodable(value, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) that is not valid UTF-8 text, e.g. a lone surrogate
+    ``"\\ud800"`` that JSON can carry but no tokenizer and no UTF-8 response can; None if all are fine."""
+    stack = [(path, value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where or "body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                sub = f"{where}.{k}" if where else str(k)
+                if isinstance(k, str) and find_unencodable(k) is not None:
+                    return where or "body"
+                stack.append((sub, item))
+        elif isinstance(v, list):
+            stack.extend((f"{where}.{i}" if where else str(i), item) for i, item in enumerate(v))
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class EmbeddingRequest(_Request):
+class _TopRequest(_Request):
+    """A request body: text that is not valid Unicode (a lone surrogate) is a 400 naming its field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_only(cls, data):
+        where = find_unencodable(data)
+        if where is not None:  # not a ValueError: it leaves pydantic as is and keeps its param
+            param = where.split(".")[0] if where.split(".")[-1].isdigit() else where
+            raise InvalidRequest(f"{where} is not valid Unicode text (a lone surrogate?)", param=param)
+        return data
+
+
+class EmbeddingRequest(_TopRequest):
     input: TextOrTokens
     model: StrictStr | None = None
     encoding_format: Literal["float", "base64"] = "float"
@@ -33,7 +71,7 @@ class EmbeddingRequest(_Request):
     truncate: StrictBool = False
 
 
-class _Sampling(_Request):
+class _Sampling(_TopRequest):
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
     temperature: Number = 1.0
@@ -42,7 +80,7 @@ class _Sampling(_Request):
     seed: StrictInt | None = None
     stream: StrictBool = False
     stream_options: dict | None = None
-    n: StrictInt = 1
+    n: Number = 1  # only 1 is served; 1.0 is 1
     user: StrictStr | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -58,13 +96,26 @@ class CompletionRequest(_Sampling):
     max_tokens: StrictInt | None = 16
 
 
+class ContentPart(_Request):
+    """One part of a message's content; only text parts are read (others, e.g. images, are ignored)."""
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self):
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text content part needs a string 'text'")
+        return self
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: StrictStr | list[dict] | None = None
+    content: StrictStr | list[ContentPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
 
 

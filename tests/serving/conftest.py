@@ -28,9 +28,13 @@ def make_profile(path, *, name: str, model_type: str, n_layers: int, hidden_size
 
 
 @contextmanager
-def running_server(app, *, wait_engine: bool = True):
-    """Start uvicorn in a thread on a free port; yield the base URL once it listens and the engine is warm."""
+def running_server(app, *, wait_engine: bool = True, read_timeout: float = 30.0, http: str = "auto"):
+    """Start uvicorn in a thread on a free port; yield the base URL once it listens and the engine is warm.
+
+    The server uses the same HTTP protocol as ``mcr-exit serve`` (with its read deadline, ``read_timeout``)."""
     import uvicorn
+
+    from mcr_exit.serving.http_timeouts import server_config
 
     class _Server(uvicorn.Server):
         def __init__(self, config):
@@ -44,7 +48,8 @@ def running_server(app, *, wait_engine: bool = True):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = _Server(server_config(app, host="127.0.0.1", port=port, read_timeout=read_timeout, http=http,
+                                   log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     if not server.up.wait(timeout=60) or (wait_engine and not app.state.engine.wait_ready(timeout=120)):

@@ -19,7 +19,7 @@ def test_serve_starts_and_answers(tmp_path, tiny_llama_dir, monkeypatch):
                            n_layers=3, hidden_size=64, k=1)
     seen = {}
 
-    def fake_run(app, engine, *, host, port):  # run the real app on a free port instead of blocking on 8000
+    def fake_run(app, engine, *, host, port, **_):  # run the real app on a free port instead of blocking on 8000
         seen["bind"], seen["engine"] = (host, port), engine
         with running_server(app) as url:
             seen["models"] = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer k"}).json()
@@ -48,3 +48,57 @@ def test_serve_refuses_a_profile_of_another_model(tmp_path, tiny_llama_dir):
 def test_engine_vllm_without_vllm_names_the_extra(tmp_path):
     r = CliRunner().invoke(main, ["serve", "--engine", "vllm", "--profile", str(tmp_path / "p.json")])
     assert r.exit_code == 1 and "pip install 'mcr-exit[vllm]'" in r.output
+
+
+def _serve(tmp_path, tiny_llama_dir, monkeypatch, *args, env_key=None):
+    """Invoke `serve` with run_server replaced by a probe of the real app; (result, what the probe saw)."""
+    import mcr_exit.cli.serve as serve_module
+
+    profile = make_profile(tmp_path / "phase_profile.json", name=tiny_llama_dir.name, model_type="llama",
+                           n_layers=3, hidden_size=64, k=1)
+    seen = {}
+
+    def fake_run(app, engine, *, host, port, **_):
+        with running_server(app) as url:
+            seen["bare"] = httpx.get(url + "/v1/models").status_code
+            seen["keyed"] = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer from-file"}).status_code
+            seen["docs"] = httpx.get(url + "/openapi.json").status_code
+
+    monkeypatch.setattr(serve_module, "run_server", fake_run)
+    if env_key is None:
+        monkeypatch.delenv("MCR_EXIT_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("MCR_EXIT_API_KEY", env_key)
+    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir), "--profile", str(profile),
+                                  "--kv-cache-tokens", "1024", "--max-input-tokens", "64", "--max-new-tokens", "16",
+                                  *args])
+    return r, seen
+
+
+def test_api_key_from_a_file_and_no_warning_then(tmp_path, tiny_llama_dir, monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    r, seen = _serve(tmp_path, tiny_llama_dir, monkeypatch, "--api-key-file", str(key_file), "--host", "0.0.0.0")
+    assert r.exit_code == 0, r.output
+    assert seen == {"bare": 401, "keyed": 200, "docs": 401}
+    assert "from-file" not in r.output and "warning" not in r.output
+
+
+def test_warns_without_a_key_off_loopback(tmp_path, tiny_llama_dir, monkeypatch):
+    r, seen = _serve(tmp_path, tiny_llama_dir, monkeypatch, "--host", "0.0.0.0", "--no-docs")
+    assert r.exit_code == 0, r.output
+    assert "warning: serving on 0.0.0.0 without an API key" in r.output
+    assert seen == {"bare": 200, "keyed": 200, "docs": 404}
+    r, _ = _serve(tmp_path, tiny_llama_dir, monkeypatch, "--host", "::1")
+    assert r.exit_code == 0 and "warning" not in r.output
+
+
+@pytest.mark.parametrize("content, env_key, message", [
+    ("", None, "holds no key"),
+    ("k\n", "also-env", "give the API key once"),
+])
+def test_bad_api_key_file_is_refused(tmp_path, tiny_llama_dir, monkeypatch, content, env_key, message):
+    key_file = tmp_path / "key"
+    key_file.write_text(content)
+    r, seen = _serve(tmp_path, tiny_llama_dir, monkeypatch, "--api-key-file", str(key_file), env_key=env_key)
+    assert r.exit_code == 1 and message in r.output and not seen
