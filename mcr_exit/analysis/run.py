@@ -79,6 +79,22 @@ def default_output_dir(prefix: str, model_name: str) -> Path:
     return Path("mcr-exit-runs") / f"{prefix}{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def preflight(output_dir: str | None, *, mlflow: bool, tracking_uri: str | None) -> None:
+    """What can fail without the model, checked before it loads: the output folder may be written
+    (outputs.check_output_dir; the default one's parent too) and the tracking server answers."""
+    from mcr_exit.outputs import check_output_dir
+
+    if output_dir:
+        check_output_dir(output_dir)
+    else:  # a new folder with a time stamp: only its parent needs checking
+        check_output_dir(Path("mcr-exit-runs") / f".unwritten-{time.time_ns()}", replace=False)
+    if mlflow:
+        from mcr_exit.run_state import check_tracking_server
+        from mcr_exit.tracking import resolve_tracking_uri
+
+        check_tracking_server(resolve_tracking_uri(tracking_uri))
+
+
 def run_params(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos, n_prompts: int) -> dict:
     return {
         "model": loaded.spec.name,
@@ -99,6 +115,7 @@ def run_params(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos,
         "dataset_source": prompts.source,
         "dataset_sha256": prompts.digest,
         "n_prompts": n_prompts,
+        "n_records_missing_field": prompts.n_missing,
         "package_version": __version__,
     }
 
@@ -129,7 +146,8 @@ def measure(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos, en
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "bos": {**asdict(bos), "position0_tokens": enc.position0},
         "data": {"name": prompts.name, "source": portable_data_source(prompts.source), "field": prompts.field,
-                 "sha256": prompts.digest, "n_prompts": len(enc.ids), "n_dropped_empty": enc.dropped_empty,
+                 "sha256": prompts.digest, "n_prompts": len(enc.ids), "n_missing_field": prompts.n_missing,
+                 "n_dropped_empty": enc.dropped_empty,
                  "n_truncated": enc.truncated, "mean_tokens": float(np.mean(stats.lengths))},
         "config": {"tau": cfg.tau, "max_length": cfg.max_length, "attn_implementation": IMPLEMENTATION},
         "mlflow_run_id": run_id,
@@ -167,6 +185,7 @@ def analyze(
     from mcr_exit.tracking import maybe_run, run_name, run_tags
 
     t0 = time.time()
+    preflight(cfg.output_dir, mlflow=cfg.mlflow, tracking_uri=cfg.tracking_uri)
     prompts = load_prompts(cfg.data, field=cfg.field, max_prompts=cfg.max_prompts)
     if loaded is None:
         device = init_from_env(cfg.device)
