@@ -72,6 +72,9 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                   kv_cache_tokens, kv_cache_memory, max_inputs, max_input_tokens, max_new_tokens, max_body_bytes,
                   timeout, stall_timeout, queue_timeout, no_cuda_graphs):
     """Serve embeddings from the profile's layer k (early exit) and full-depth completions."""
+    from mcr_exit.cli.serve_checks import check_listen_address
+
+    check_listen_address(host, port)  # a bad or busy address fails before anything loads
     _check_serve_extra()
     if engine_kind == "vllm":
         from mcr_exit.serving.vllm_generator import require_vllm
