@@ -74,12 +74,12 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
     """Serve embeddings from the profile's layer k (early exit) and full-depth completions."""
     from mcr_exit.cli.serve_checks import check_listen_address
 
-    check_listen_address(host, port)  # a bad or busy address fails before anything loads
     _check_serve_extra()
     if engine_kind == "vllm":
         from mcr_exit.serving.vllm_generator import require_vllm
 
         require_vllm()
+    check_listen_address(host, port)  # a bad or busy address fails before anything loads
     from mcr_exit.models import load_model
     from mcr_exit.serving import Engine, EngineConfig
     from mcr_exit.serving.app import create_app
