@@ -87,3 +87,21 @@ def repair_dead_runs(client, experiment_ids: list[str], *, strict: bool = True) 
         client.set_terminated(run.info.run_id, status="KILLED")
         fixed.append(run.info.run_id)
     return fixed
+
+
+def preflight(output_dir: str | None, *, mlflow: bool, tracking_uri: str | None) -> None:
+    """What can fail without the model, checked before anything heavy is imported or loaded: the output
+    folder may be written (outputs.check_output_dir; for the default folder, its parent) and the
+    tracking server answers."""
+    from pathlib import Path
+
+    from mcr_exit.outputs import check_output_dir
+
+    if output_dir:
+        check_output_dir(output_dir)
+    else:  # a new folder with a time stamp: only its parent needs checking
+        check_output_dir(Path("mcr-exit-runs") / f".unwritten-{time.time_ns()}", replace=False)
+    if mlflow:
+        from mcr_exit.tracking import resolve_tracking_uri
+
+        check_tracking_server(resolve_tracking_uri(tracking_uri))

@@ -23,6 +23,7 @@ from mcr_exit.models import LoadedModel, load_model
 from mcr_exit.models.attention_stats import IMPLEMENTATION
 from mcr_exit.models.tokens import EncodedPrompts, encode_prompts, resolve_bos
 from mcr_exit.phase_profile import portable_data_source, portable_location
+from mcr_exit.run_state import preflight
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,22 +78,6 @@ class AnalysisResult:
 def default_output_dir(prefix: str, model_name: str) -> Path:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in model_name)
     return Path("mcr-exit-runs") / f"{prefix}{safe}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def preflight(output_dir: str | None, *, mlflow: bool, tracking_uri: str | None) -> None:
-    """What can fail without the model, checked before it loads: the output folder may be written
-    (outputs.check_output_dir; the default one's parent too) and the tracking server answers."""
-    from mcr_exit.outputs import check_output_dir
-
-    if output_dir:
-        check_output_dir(output_dir)
-    else:  # a new folder with a time stamp: only its parent needs checking
-        check_output_dir(Path("mcr-exit-runs") / f".unwritten-{time.time_ns()}", replace=False)
-    if mlflow:
-        from mcr_exit.run_state import check_tracking_server
-        from mcr_exit.tracking import resolve_tracking_uri
-
-        check_tracking_server(resolve_tracking_uri(tracking_uri))
 
 
 def run_params(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos, n_prompts: int) -> dict:

@@ -3,7 +3,11 @@ is reported before the model loads (the missing model below would otherwise be t
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -11,6 +15,7 @@ from click.testing import CliRunner
 from mcr_exit.cli import main
 
 NO_MODEL = "/no/such/model"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _lines(res) -> list[str]:
@@ -63,3 +68,18 @@ def test_lens_checks_its_output_dir_before_the_model_loads(tmp_path):
     res = CliRunner().invoke(main, ["lens", "--model", NO_MODEL, "--no-mlflow",
                                     "--output-dir", str(tmp_path / "file.txt" / "o")])
     assert res.exit_code == 1 and "is not a folder" in res.output, res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["analyze", "--tracking-uri", "http://127.0.0.1:9"], "is not reachable"),
+    (["ablate", "--no-mlflow", "--output-dir", "."], "working directory"),
+    (["sweep", "--revision", "main", "--tracking-uri", "http://127.0.0.1:9"], "is not reachable"),
+])
+def test_the_checks_come_before_torch_is_even_imported(tmp_path, args, message):
+    code = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, "
+            "file=sys.stderr)); from mcr_exit.cli import main; main(sys.argv[1:])")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and message in lines[0] and lines[1:] == ["torch imported: False"], res.stderr
