@@ -111,16 +111,45 @@ def validate_profile(doc: dict, *, where: str) -> dict:
         if key not in doc:
             raise DataError(f"{where}: phase profile lacks '{key}'")
     n, layers = doc["n_layers"], doc["layers"]
-    if not isinstance(n, int) or not isinstance(layers, list) or (layers and len(layers) != n + 1):
+    if not _is_int(n) or n < 1:
+        raise DataError(f"{where}: phase profile n_layers must be a positive integer, got {n!r}")
+    if not isinstance(layers, list) or (layers and len(layers) != n + 1):
         raise DataError(f"{where}: phase profile has {len(layers) if isinstance(layers, list) else 'no'} "
                         f"layer rows for n_layers={n!r} (expected n_layers + 1)")
+    _check_types(doc, n, where)
     return doc
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_types(doc: dict, n: int, where: str) -> None:
+    """The fields readers index into have the types they expect (a hand-edited file fails here, in one line)."""
+    def bad(what: str, value) -> DataError:
+        return DataError(f"{where}: phase profile {what}, got {json.dumps(value)[:60]}")
+
+    if not isinstance(doc["model"], dict):
+        raise bad("'model' must be an object", doc["model"])
+    k = doc["embedding_layer"]
+    if not _is_int(k) or not 0 <= k <= n:
+        raise bad(f"'embedding_layer' must be an integer in 0..{n}", k)
+    phases = doc["phases"]
+    if not isinstance(phases, dict):
+        raise bad("'phases' must be an object", phases)
+    if phases.get("found"):
+        for key in ("compress_start", "refine_start"):
+            if not _is_int(phases.get(key)) or not 0 <= phases[key] <= n:
+                raise bad(f"phases.{key} must be an integer in 0..{n}", phases.get(key))
+    if not all(isinstance(row, dict) for row in doc["layers"]):
+        raise bad("'layers' must hold one object per hidden index", doc["layers"][:1])
 
 
 def read_profile(path: str | Path) -> dict:
     """Read and validate a phase_profile.json."""
     try:
         doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read phase profile {path}: {exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, and UnicodeDecodeError for a binary file
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot read phase profile {path}: {reason}") from exc
     return validate_profile(doc, where=str(path))

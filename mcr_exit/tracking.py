@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from mcr_exit.errors import ConfigError, DataError, McrExitError
+from mcr_exit.run_state import check_tracking_server, owner_tags, repair_dead_runs
 
 DEFAULT_EXPERIMENT = "mcr-exit"
 # MLflow 3's UI reads this experiment tag: "custom_model_development" opens the runs table, where
@@ -184,23 +185,34 @@ def tracked_run(
     *, tracking_uri: str | None, experiment: str = DEFAULT_EXPERIMENT, run_name: str,
     tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
 ) -> Iterator[RunLogger]:
-    """One MLflow run; it ends FINISHED on success and FAILED on any exception (which is re-raised)."""
+    """One MLflow run; it ends FINISHED on success, KILLED on SIGTERM or Ctrl-C, FAILED on any other
+    exception (which is re-raised). Runs of this experiment left RUNNING by a dead process are marked
+    KILLED first (see ``repair_dead_runs``)."""
     mlflow = _mlflow()
     uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_server(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp_id = _ensure_experiment(client, experiment, uri)
     run_tags_ = dict(tags or {})
     run_tags_["mlflow.runName"] = run_name
     if parent_run_id:
         run_tags_["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, tags=run_tags_, run_name=run_name)
-    logger = RunLogger(client, run.info.run_id)
-    try:
-        yield logger
-    except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
-        raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    run_tags_.update(owner_tags())
+    repair_dead_runs(client, [exp_id], strict=False)
+    from mcr_exit.signals import Terminated, sigterm_raises
+
+    with sigterm_raises():
+        run = client.create_run(exp_id, tags=run_tags_, run_name=run_name)
+        logger = RunLogger(client, run.info.run_id)
+        try:
+            yield logger
+        except (KeyboardInterrupt, Terminated):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            raise
+        except BaseException:
+            client.set_terminated(run.info.run_id, status="FAILED")
+            raise
+        client.set_terminated(run.info.run_id, status="FINISHED")
 
 
 @contextmanager
@@ -229,6 +241,12 @@ def command_run(command: str):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             slot = {"command": command, "options": kwargs, "stack": None, "logger": None}
+            if kwargs.get("output_dir"):  # an unwritable --output-dir fails now, not after the work
+                from mcr_exit.outputs import check_output_dir
+
+                check_output_dir(kwargs["output_dir"], replace=False)
+            if not kwargs.get("no_mlflow"):  # a dead tracking server fails now, not after the model loads
+                check_tracking_server(resolve_tracking_uri(kwargs.get("tracking_uri")))
             token = _COMMAND_RUN.set(slot)
             try:
                 result = fn(*args, **kwargs)

@@ -95,7 +95,7 @@ def ablate(cfg: AblateConfig, *, loaded=None, on_note=None, on_result=None) -> A
     """Load, check the blocks before any run opens, then run the variants inside one MLflow run (children
     per variant), write the outputs and log them. ``on_note(str)`` and ``on_result(VariantResult)`` report
     progress to the caller."""
-    from mcr_exit.analysis.run import default_output_dir
+    from mcr_exit.analysis.run import default_output_dir, preflight
     from mcr_exit.analysis.run_logs import log_ablation
     from mcr_exit.analysis.writers import write_ablation
     from mcr_exit.data import load_prompts
@@ -105,6 +105,7 @@ def ablate(cfg: AblateConfig, *, loaded=None, on_note=None, on_result=None) -> A
     from mcr_exit.tracking import maybe_run, run_name, run_tags
 
     t0 = time.time()
+    preflight(cfg.output_dir, mlflow=cfg.mlflow, tracking_uri=cfg.tracking_uri)
     prompts = load_prompts(cfg.data, field=cfg.field, max_prompts=cfg.max_prompts)
     loaded = loaded or load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device)
     if cfg.layers.strip().lower() != "auto":

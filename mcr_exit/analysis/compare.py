@@ -163,6 +163,9 @@ def compare(cfg: CompareConfig) -> Comparison:
     from mcr_exit.analysis.writers import write_comparison
     from mcr_exit.tracking import maybe_run, open_client, run_tags
 
+    from mcr_exit.outputs import check_output_dir
+
+    check_output_dir(cfg.output_dir or f"mcr-exit-runs/.unwritten-{time.time_ns()}", replace=bool(cfg.output_dir))
     client = open_client(cfg.tracking_uri)
     runs = select_runs(client, run_ids=cfg.run_ids, experiment=cfg.experiment, models=cfg.models)
     cmp = compare_runs(client, runs)

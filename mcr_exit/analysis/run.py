@@ -23,6 +23,7 @@ from mcr_exit.models import LoadedModel, load_model
 from mcr_exit.models.attention_stats import IMPLEMENTATION
 from mcr_exit.models.tokens import EncodedPrompts, encode_prompts, resolve_bos
 from mcr_exit.phase_profile import portable_data_source, portable_location
+from mcr_exit.run_state import preflight
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +100,7 @@ def run_params(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos,
         "dataset_source": prompts.source,
         "dataset_sha256": prompts.digest,
         "n_prompts": n_prompts,
+        "n_records_missing_field": prompts.n_missing,
         "package_version": __version__,
     }
 
@@ -129,7 +131,8 @@ def measure(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos, en
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "bos": {**asdict(bos), "position0_tokens": enc.position0},
         "data": {"name": prompts.name, "source": portable_data_source(prompts.source), "field": prompts.field,
-                 "sha256": prompts.digest, "n_prompts": len(enc.ids), "n_dropped_empty": enc.dropped_empty,
+                 "sha256": prompts.digest, "n_prompts": len(enc.ids), "n_missing_field": prompts.n_missing,
+                 "n_dropped_empty": enc.dropped_empty,
                  "n_truncated": enc.truncated, "mean_tokens": float(np.mean(stats.lengths))},
         "config": {"tau": cfg.tau, "max_length": cfg.max_length, "attn_implementation": IMPLEMENTATION},
         "mlflow_run_id": run_id,
@@ -167,6 +170,7 @@ def analyze(
     from mcr_exit.tracking import maybe_run, run_name, run_tags
 
     t0 = time.time()
+    preflight(cfg.output_dir, mlflow=cfg.mlflow, tracking_uri=cfg.tracking_uri)
     prompts = load_prompts(cfg.data, field=cfg.field, max_prompts=cfg.max_prompts)
     if loaded is None:
         device = init_from_env(cfg.device)

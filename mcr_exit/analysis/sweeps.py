@@ -112,7 +112,10 @@ def run_sweep(cfg: SweepConfig, *, loader=None) -> SweepResult:
     from mcr_exit.outputs import staged_output_dir
     from mcr_exit.tracking import maybe_run, run_name, run_tags
 
+    from mcr_exit.analysis.run import preflight
+
     acfg, revisions = cfg.analysis, list(cfg.revisions)
+    preflight(str(cfg.output_dir), mlflow=acfg.mlflow, tracking_uri=acfg.tracking_uri)
     steps = checkpoint_steps(revisions)
     loader = loader or (lambda m, r: load_model(m, revision=r, dtype=acfg.dtype, device=acfg.device))
     output_dir = Path(cfg.output_dir)

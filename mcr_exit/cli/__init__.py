@@ -22,6 +22,7 @@ COMMANDS = (
     ("mcr_exit.cli.ablate", "ablate_command"),
     ("mcr_exit.cli.compare", "compare_command"),
     ("mcr_exit.cli.compare", "sweep_command"),
+    ("mcr_exit.cli.runs", "runs_command"),
 )
 
 
@@ -30,8 +31,14 @@ class _Group(click.Group):
         """Usage errors (a bad option value, an unknown option) as one line too, without click's usage block."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        from mcr_exit.signals import EXIT_STATUS, Terminated
+
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Terminated:  # raised only where there was something to clean up; it has been
+            click.echo("Terminated (SIGTERM): any MLflow run of it is marked KILLED; no partial output is left.",
+                       err=True)
+            sys.exit(EXIT_STATUS)
         except click.UsageError as exc:
             click.echo(f"Error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)

@@ -41,6 +41,9 @@ def summary_text(outcome, note: str | None) -> str:
 def ablate_command(model, revision, dtype, device, data, field, max_prompts, max_length, bos, layers, clip,
                    clip_layer, tau, batch_size, output_dir, no_plots, tracking_uri, experiment, no_mlflow):
     """Causal test: remove the massive activation and watch compression and sinks go."""
+    from mcr_exit.run_state import preflight
+
+    preflight(output_dir, mlflow=not no_mlflow, tracking_uri=tracking_uri)  # in a second, before torch loads
     from mcr_exit.analysis.ablate_run import AblateConfig, ablate
 
     cfg = AblateConfig(layers=layers, clip=clip, clip_layer=clip_layer, tau=tau, batch_size=batch_size,

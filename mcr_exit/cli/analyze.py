@@ -36,6 +36,9 @@ def _progress_factory(total: int):
 def analyze_command(model, revision, dtype, device, data, field, max_prompts, max_length, bos, tau,
                     batch_size, output_dir, no_plots, spectra, tracking_uri, experiment, no_mlflow):
     """Measure, layer by layer, massive activations, compression and attention sinks; find the phases."""
+    from mcr_exit.run_state import preflight
+
+    preflight(output_dir, mlflow=not no_mlflow, tracking_uri=tracking_uri)  # in a second, before torch loads
     from mcr_exit.analysis.run import AnalyzeConfig, analyze
 
     cfg = AnalyzeConfig(

@@ -47,6 +47,9 @@ def compare_command(run_ids, models, experiment, log_experiment, tracking_uri, o
 def sweep_command(model, revisions, dtype, device, data, field, max_prompts, max_length, bos, tau, batch_size,
                   output_dir, no_plots, tracking_uri, experiment, no_mlflow):
     """One analysis per training checkpoint; entropy, sinks and BOS norm against training step (Figure 2)."""
+    from mcr_exit.run_state import preflight
+
+    preflight(output_dir, mlflow=not no_mlflow, tracking_uri=tracking_uri)  # in a second, before torch loads
     from mcr_exit.analysis.run import AnalyzeConfig
     from mcr_exit.analysis.sweeps import SweepConfig, run_sweep
 

@@ -85,6 +85,8 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                   max_new_tokens, max_body_bytes, timeout, stall_timeout, queue_timeout, read_timeout,
                   no_cuda_graphs):
     """Serve embeddings from the profile's layer k (early exit) and full-depth completions."""
+    from mcr_exit.cli.serve_checks import check_listen_address
+
     _check_serve_extra()
     api_key = _resolve_api_key(api_key, api_key_file)
     if api_key is None and not _is_loopback(host):
@@ -94,6 +96,7 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
         from mcr_exit.serving.vllm_generator import require_vllm
 
         require_vllm()
+    check_listen_address(host, port)  # a bad or busy address fails before anything loads
     from mcr_exit.models import load_model
     from mcr_exit.serving import Engine, EngineConfig
     from mcr_exit.serving.app import create_app

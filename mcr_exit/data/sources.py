@@ -20,6 +20,7 @@ class PromptSet:
     source: str
     texts: list[str]
     field: str | None
+    n_missing: int = 0  # records skipped: no value in the text field(s)
 
     @property
     def digest(self) -> str:
@@ -66,17 +67,18 @@ def _records_from_file(path: Path) -> list:
         raise DataError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
 
 
-def select_texts(records: list, field: str | None, where: str) -> tuple[list[str], str | None]:
-    """Pick the text of each record. ``field`` may name several fields joined by commas."""
+def select_texts(records: list, field: str | None, where: str) -> tuple[list[str], str | None, int]:
+    """Pick the text of each record: (texts, field used, records skipped for having no value in the field).
+    ``field`` may name several fields joined by commas. Skipped records are reported on stderr."""
     if not records:
         raise DataError(f"{where} is empty")
     if all(isinstance(r, str) for r in records):
         if field:
             raise DataError(f"{where} holds plain strings: --field '{field}' does not apply")
-        return list(records), None
+        return list(records), None, 0
     if not all(isinstance(r, dict) for r in records):
         raise DataError(f"{where}: records must all be objects (or all strings)")
-    available = list(records[0].keys())
+    available = list(dict.fromkeys(k for r in records for k in r))  # every record's keys, in order
     if field is None:
         field = next((f for f in _DEFAULT_FIELDS if f in available), None)
         if field is None:
@@ -85,11 +87,25 @@ def select_texts(records: list, field: str | None, where: str) -> tuple[list[str
     for name in names:
         if name not in available:
             raise DataError(f"{where}: field '{name}' not found; available: {', '.join(map(str, available))}")
-    texts = []
+    texts, missing = [], 0
     for r in records:
         parts = [r.get(n) for n in names]
+        if all(p is None or p != p for p in parts):  # absent, null or NaN in every text field
+            missing += 1
+            continue
         texts.append("\n".join("" if p is None or p != p else str(p) for p in parts))
-    return texts, field
+    if not texts:
+        raise DataError(f"{where}: none of its {len(records)} records has a value in field '{field}'")
+    if missing:
+        _say(f"mcr-exit: skipped {missing} of {len(records)} records of {where} without a value "
+             f"in field '{field}'")
+    return texts, field, missing
+
+
+def _say(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
 
 
 def _load_hf(spec: str) -> tuple[list, str, str | None]:
@@ -116,10 +132,10 @@ def load_prompts(data: str | None = None, *, field: str | None = None, max_promp
     if data is None:
         if field:
             raise DataError("--field applies only with --data")
-        texts, name, source, used = list(BUILTIN_PROMPTS), BUILTIN_NAME, "mcr-exit:builtin", None
+        texts, name, source, used, missing = list(BUILTIN_PROMPTS), BUILTIN_NAME, "mcr-exit:builtin", None, 0
     elif data.startswith("hf:"):
         records, name, hf_field = _load_hf(data[3:])
-        texts, used = select_texts(records, field or hf_field, data)
+        texts, used, missing = select_texts(records, field or hf_field, data)
         source = data
     else:
         path = Path(data).expanduser()
@@ -127,8 +143,8 @@ def load_prompts(data: str | None = None, *, field: str | None = None, max_promp
             raise DataError(f"data file does not exist: {data}")
         if path.suffix.lower() not in FILE_SUFFIXES:
             raise DataError(f"unsupported data file type '{path.suffix}': use one of {', '.join(FILE_SUFFIXES)}")
-        texts, used = select_texts(_records_from_file(path), field, str(path))
+        texts, used, missing = select_texts(_records_from_file(path), field, str(path))
         name, source = path.stem, str(path.resolve())
     if max_prompts is not None:
         texts = texts[:max_prompts]
-    return PromptSet(name=name, source=source, texts=texts, field=used)
+    return PromptSet(name=name, source=source, texts=texts, field=used, n_missing=missing)

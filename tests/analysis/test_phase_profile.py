@@ -73,3 +73,40 @@ def test_only_tracking_imports_mlflow():
                  if p.name != "tracking.py" and any(line.strip().startswith(("import mlflow", "from mlflow"))
                                                      for line in p.read_text().splitlines())]
     assert offenders == []
+
+
+def _bad_profile_files(tmp_path) -> dict:
+    """Hostile profile files, each the kind a hand edit or a wrong file produces."""
+    good = _doc()
+    files = {"list": json.dumps([good]), "string_model": json.dumps({**good, "model": "SmolLM2"}),
+             "word_layer": json.dumps({**good, "embedding_layer": "twenty"}),
+             "bool_layer": json.dumps({**good, "embedding_layer": True}),
+             "layer_out_of_range": json.dumps({**good, "embedding_layer": 99}),
+             "phases_list": json.dumps({**good, "phases": []}),
+             "phase_word": json.dumps({**good, "phases": {"found": True, "compress_start": "one", "refine_start": 2}}),
+             "rows_not_objects": json.dumps({**good, "layers": [1, 2, 3]}),
+             "n_layers_word": json.dumps({**good, "n_layers": "2"})}
+    paths = {}
+    for name, text in files.items():
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(text)
+    paths["binary"] = tmp_path / "binary.json"
+    paths["binary"].write_bytes(bytes(range(256)) * 4)
+    return paths
+
+
+BAD_PROFILE_MESSAGES = {
+    "list": "not a mcr-exit phase profile", "string_model": "'model' must be an object",
+    "word_layer": "'embedding_layer' must be an integer", "bool_layer": "'embedding_layer' must be an integer",
+    "layer_out_of_range": "'embedding_layer' must be an integer in 0..2", "phases_list": "'phases' must be an object",
+    "phase_word": "phases.compress_start must be an integer", "rows_not_objects": "'layers' must hold one object",
+    "n_layers_word": "n_layers must be a positive integer", "binary": "cannot read phase profile",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_PROFILE_MESSAGES))
+def test_hostile_profiles_give_one_line(tmp_path, name):
+    path = _bad_profile_files(tmp_path)[name]
+    with pytest.raises(DataError, match=BAD_PROFILE_MESSAGES[name]) as info:
+        read_profile(path)
+    assert "\n" not in str(info.value)

@@ -60,7 +60,7 @@ def test_not_found_note_does_not_call_position_0_bos():
 
 def test_serve_prints_the_phases_as_analyze_does(tmp_path, tiny_llama_dir, monkeypatch):
     pytest.importorskip("fastapi")
-    import mcr_exit.cli.serve as serve_cli
+    import mcr_exit.cli.serve as serve_module
 
     out = tmp_path / "a"
     r = CliRunner().invoke(main, ["analyze", "--model", str(tiny_llama_dir), "--max-prompts", "4", "--no-mlflow",
@@ -69,8 +69,8 @@ def test_serve_prints_the_phases_as_analyze_does(tmp_path, tiny_llama_dir, monke
     profile = json.loads((out / "phase_profile.json").read_text())
     profile["phases"].update(found=True, compress_start=1, refine_start=2)  # a random model has none
     (out / "phase_profile.json").write_text(json.dumps(profile))
-    monkeypatch.setattr(serve_cli, "run_server", lambda *a, **k: None)  # everything but listening
-    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir),
+    monkeypatch.setattr(serve_module, "run_server", lambda *a, **k: None)  # no real server, no real port
+    r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir), "--port", "0",
                                   "--profile", str(out / "phase_profile.json")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "mix hidden 0..0; compress hidden 1..1 (33%..67% of depth); refine hidden 2..3" in r.output

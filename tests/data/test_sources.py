@@ -64,3 +64,19 @@ def test_errors_are_one_line(tmp_path):
         with pytest.raises(DataError, match=text) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+def test_records_without_the_text_field_are_counted_and_reported(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    rows = [{"id": 0}, {"text": "one"}, {"text": None}, {"text": "two"}, {"body": "x"}, {"text": ""}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ps = load_prompts(str(path))  # the first record lacks the field; the later ones name it
+    assert ps.texts == ["one", "two", ""] and ps.field == "text" and ps.n_missing == 3
+    err = capsys.readouterr().err
+    assert "skipped 3 of 6 records" in err and "field 'text'" in err
+    capsys.readouterr()
+    assert load_prompts(str(path), field="text").n_missing == 3
+    none = tmp_path / "none.jsonl"
+    none.write_text(json.dumps({"text": None, "body": "x"}))
+    with pytest.raises(DataError, match="none of its 1 records has a value in field 'text'"):
+        load_prompts(str(none))

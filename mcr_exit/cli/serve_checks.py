@@ -1,0 +1,31 @@
+"""`mcr-exit serve`'s checks that need no model, run first: a bad or busy address fails in a second,
+with one line, not after the model has loaded (or, for a port beyond 65535, with a C++ abort)."""
+
+from __future__ import annotations
+
+import socket
+
+from mcr_exit.errors import ConfigError
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """One-line ConfigError unless ``host:port`` is a valid address this process can listen on now.
+
+    The test socket is bound with SO_REUSEADDR, as uvicorn binds its own, so a port that only holds
+    connections in TIME_WAIT passes; one that another process listens on does not.
+    """
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"--host {host}: not an address this machine can listen on ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    finally:
+        sock.close()
