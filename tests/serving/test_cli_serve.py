@@ -26,6 +26,8 @@ def test_serve_starts_and_answers(tmp_path, tiny_llama_dir, monkeypatch):
             seen["noauth"] = httpx.get(url + "/v1/models").status_code
 
     monkeypatch.setattr(serve_module, "run_server", fake_run)
+    # the default address is checked as given; whether 8000 is free on this machine is not this test's business
+    monkeypatch.setattr("mcr_exit.cli.serve_checks.check_listen_address", lambda host, port: None)
     monkeypatch.setenv("MCR_EXIT_API_KEY", "k")
     r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir), "--profile", str(profile),
                                   "--kv-cache-tokens", "8192", "--max-input-tokens", "100", "--max-new-tokens", "28"])
@@ -71,7 +73,7 @@ def _serve(tmp_path, tiny_llama_dir, monkeypatch, *args, env_key=None):
         monkeypatch.setenv("MCR_EXIT_API_KEY", env_key)
     r = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir), "--profile", str(profile),
                                   "--kv-cache-tokens", "1024", "--max-input-tokens", "64", "--max-new-tokens", "16",
-                                  *args])
+                                  "--port", "0", *args])
     return r, seen
 
 
