@@ -89,14 +89,14 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
 
     _check_serve_extra()
     api_key = _resolve_api_key(api_key, api_key_file)
-    if api_key is None and not _is_loopback(host):
-        click.echo(f"warning: serving on {host} without an API key: anyone who can reach this address can use "
-                   "the model (set MCR_EXIT_API_KEY or --api-key-file)", err=True)
     if engine_kind == "vllm":
         from mcr_exit.serving.vllm_generator import require_vllm
 
         require_vllm()
     check_listen_address(host, port)  # a bad or busy address fails before anything loads
+    if api_key is None and not _is_loopback(host):  # warned only about an address it will serve on
+        click.echo(f"warning: serving on {host} without an API key: anyone who can reach this address can use "
+                   "the model (set MCR_EXIT_API_KEY or --api-key-file)", err=True)
     from mcr_exit.models import load_model
     from mcr_exit.serving import Engine, EngineConfig
     from mcr_exit.serving.app import create_app
