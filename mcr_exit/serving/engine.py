@@ -269,7 +269,7 @@ class Engine(InputEncoding):
         ids = self.encode_texts(["Warm-up: the quick brown fox."])
         job = EmbedJob(ids=ids, layer=self.embedding_layer, pooling=self.config.pooling,
                        normalize=self.config.normalize, deadline=float("inf"))
-        self.scheduler._run_embed([(job, 0)])
+        self.scheduler._run_embed([(job, 0)], queued=False)
         if self.generator is not None:
             return
         t0 = time.perf_counter()

@@ -164,10 +164,6 @@ class Scheduler:
                 for job, _ in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
-            finally:  # the batch's tokens count against the queue's budget until they have run
-                with self.embed_cond:
-                    self.queued_tokens -= sum(len(job.ids[i]) for job, i in batch)
-                    self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
         with self.embed_cond:
             pieces, self.pieces = list(self.pieces), deque()
         for job, _ in pieces:
@@ -200,13 +196,22 @@ class Scheduler:
         self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
         return batch
 
-    def _run_embed(self, batch: list[tuple[EmbedJob, int]]) -> None:
+    def _run_embed(self, batch: list[tuple[EmbedJob, int]], *, queued: bool = True) -> None:
+        """Run one batch to its layer k, pool, and hand each finished job its vectors. ``queued``: the
+        batch's tokens are in the queue's budget, released once the forward is done (or has failed),
+        before any caller hears back."""
         layer = batch[0][0].layer
-        ids, mask = collate([job.ids[i] for job, i in batch], self.pad_id, self.stepper.device)
-        hidden = hidden_at(self.stepper.adapter, ids, mask, layer)  # blocks layer+1.. never run
-        pooled: dict[tuple, np.ndarray] = {}
-        for key in {(job.pooling, job.normalize) for job, _ in batch}:
-            pooled[key] = pool_hidden(hidden, mask, key[0], normalize=key[1]).cpu().numpy()
+        try:
+            ids, mask = collate([job.ids[i] for job, i in batch], self.pad_id, self.stepper.device)
+            hidden = hidden_at(self.stepper.adapter, ids, mask, layer)  # blocks layer+1.. never run
+            pooled: dict[tuple, np.ndarray] = {}
+            for key in {(job.pooling, job.normalize) for job, _ in batch}:
+                pooled[key] = pool_hidden(hidden, mask, key[0], normalize=key[1]).cpu().numpy()
+        finally:
+            if queued:
+                with self.embed_cond:
+                    self.queued_tokens -= sum(len(job.ids[i]) for job, i in batch)
+                    self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
         for b, (job, i) in enumerate(batch):
             job.vectors[i] = pooled[(job.pooling, job.normalize)][b]
             job.remaining -= 1
