@@ -273,7 +273,6 @@ class Engine(InputEncoding):
         if self.generator is not None:
             return
         t0 = time.perf_counter()
-        self.stepper.prepare_eager()
         slot = self.stepper.pool.alloc()
         try:
             self.stepper.prefill(ids, [slot])

@@ -112,6 +112,7 @@ class ModelStepper:
         return [probe.shapes[i] for i in sorted(probe.shapes)]
 
     def attach(self, pool: KVPool) -> None:
+        _register_decode_attention()  # decode steps need it, warmed up or not
         self.pool, self.cache = pool, SlotCache(pool)
         n = pool.n_slots
         self.tokens = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -181,25 +182,20 @@ class ModelStepper:
 
     def capture_graphs(self) -> int:
         """Capture every (batch bucket, span bucket) decode step; the pool must be idle. Returns the count."""
-        _register_decode_attention()
         self.positions.zero_()
         self.tokens.zero_()
-        step = self._decode_eager
         mempool = torch.cuda.graph_pool_handle()
         for B in reversed(self.batch_buckets):
             for span in reversed(self.span_buckets):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    step(B, span)
+                    self._decode_eager(B, span)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=mempool):
-                    out = step(B, span)
+                    out = self._decode_eager(B, span)
                 self.graphs[(B, span)] = (graph, out)
         torch.cuda.synchronize()
         self.use_graphs = True
         return len(self.graphs)
-
-    def prepare_eager(self) -> None:
-        _register_decode_attention()

@@ -119,3 +119,19 @@ def test_models_reports_limits_and_kv_cache(server):
     kv = info["kv_cache"]
     assert kv["kv_slots"] == 8 and kv["kv_slot_tokens"] == 128 == engine.context_len
     assert kv["kv_cache_bytes"] == 8 * 128 * kv["kv_bytes_per_token"] == engine.stepper.pool.nbytes
+
+
+def test_generation_works_without_warm_up(tiny4, tiny4_profile):
+    """Decode steps do not depend on the warm-up having run (warmup=False serves from the first request)."""
+    engine = build_engine(tiny4, tiny4_profile, warmup=False, max_input_tokens=32, max_new_tokens=8)
+
+    async def go():
+        await engine.astart()
+        try:
+            ids = engine.encode_texts(["hello there"])[0]
+            return await engine.generate(GenerationRequest(prompt_ids=ids, max_tokens=5, temperature=0))
+        finally:
+            await engine.astop()
+
+    out = asyncio.run(go())
+    assert out.completion_tokens >= 1 and out.finish_reason in ("length", "stop")
