@@ -2,6 +2,8 @@
 
 Inputs and prompts are token-id lists (the random-weight models have no real tokenizer); embeddings use
 the client's default encoding (base64), streams ask for usage so completion tokens are counted exactly.
+Concurrent streams come from several client processes (``StreamClients``), as separate users' would: one
+Python process parsing thousands of SSE chunks a second is itself the bottleneck well before the server.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -64,29 +68,20 @@ async def _stream(client, prompt: list[int], max_tokens: int, first: list, toler
     return tokens
 
 
-async def stream_throughput(client, prompts: list[list[int]], max_tokens: int, tolerate: bool = False) -> dict:
-    """len(prompts) concurrent greedy streams: aggregate completion tokens/s and time to first token."""
-    first: list[float] = []
-    t0 = time.perf_counter()
-    counts = await asyncio.gather(*(_stream(client, p, max_tokens, first, tolerate) for p in prompts))
-    wall = time.perf_counter() - t0
-    return {"tok_s": sum(counts) / wall, "tokens": sum(counts), "ttft_p50_s": _pct(first, 0.5) if first else None,
-            "wall_s": wall}
-
-
-async def mixed_embed_latency(client, inputs, prompts, n: int, *, max_tokens: int) -> dict:
-    """Single-embedding latency while len(prompts) streams generate (started first, long enough to outlast)."""
-    first: list[float] = []
-    streams = [asyncio.ensure_future(_stream(client, p, max_tokens, first)) for p in prompts]
-    while len(first) < len(prompts) and not all(s.done() for s in streams):
-        await asyncio.sleep(0.05)
+async def mixed_embed_latency(client, streams: StreamClients, inputs, prompts, n: int, *, max_tokens: int,
+                              settle_s: float) -> dict:
+    """Single-embedding latency (from this process) while len(prompts) streams generate in the client
+    processes; the probe starts ``settle_s`` after the streams (once they are past their prefill)."""
+    gen = asyncio.ensure_future(streams.run(prompts, max_tokens))
+    await asyncio.sleep(0.3 + settle_s)
     lat = await embed_latency(client, inputs, n=n)
-    running = sum(not s.done() for s in streams)
-    await asyncio.gather(*streams)
-    return {**lat, "streams_running_at_end": running}
+    probe_end = time.time()
+    res = await gen
+    return {**lat, "streams_running_at_end": sum(e > probe_end for e in res["ends"])}
 
 
-async def streams_under_embedding_load(client, prompts, max_tokens: int, inputs, *, rate: float) -> dict:
+async def streams_under_embedding_load(client, streams: StreamClients, prompts, max_tokens: int, inputs, *,
+                                       rate: float) -> dict:
     """Generation throughput of len(prompts) streams while embeddings arrive at ``rate`` sequences/s
     (open loop, 8 inputs per request)."""
     stop = asyncio.Event()
@@ -106,7 +101,7 @@ async def streams_under_embedding_load(client, prompts, max_tokens: int, inputs,
 
     emb = asyncio.ensure_future(embedder())
     await asyncio.sleep(0.5)
-    gen = await stream_throughput(client, prompts, max_tokens)
+    gen = await streams.run(prompts, max_tokens)
     stop.set()
     await emb
     return {**gen, "embedding_seq_s_offered": rate, "embedding_requests": sent}
@@ -130,3 +125,63 @@ def identical_share(ours: list[list[int]], ref: list[list[int]]) -> tuple[float,
         p = next((i for i in range(n) if a[i] != b[i]), n)
         prefixes.append(p)
     return same / max(1, total), statistics.mean(prefixes) if prefixes else 0.0
+
+
+def _warm_client_process(_: int) -> None:
+    import openai  # noqa: F401 - import once, outside the timed runs
+
+    time.sleep(0.5)  # hold this worker so that the others take the other warm-up tasks
+
+
+def _streams_in_process(url: str, prompts: list[list[int]], max_tokens: int, start_at: float,
+                        tolerate: bool) -> dict:
+    """One client process: its share of the streams on one event loop, from wall-clock time ``start_at``."""
+    import openai
+
+    async def main() -> dict:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        first: list[float] = []
+        ends: list[float] = []
+        c0 = time.process_time()
+
+        async def one(p):
+            n = await _stream(client, p, max_tokens, first, tolerate)
+            ends.append(time.time())
+            return n
+
+        counts = await asyncio.gather(*(one(p) for p in prompts))
+        await client.close()
+        return {"counts": counts, "first": first, "ends": ends, "cpu_s": time.process_time() - c0}
+
+    return asyncio.run(main())
+
+
+class StreamClients:
+    """Streams spread over ``procs`` client processes, each with its own event loop and AsyncOpenAI client."""
+
+    def __init__(self, url: str, procs: int):
+        self.url, self.procs = url, procs
+        self.pool = ProcessPoolExecutor(procs, mp_context=get_context("spawn"))
+        list(self.pool.map(_warm_client_process, range(procs)))
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+    async def run(self, prompts: list[list[int]], max_tokens: int, *, tolerate: bool = False,
+                  start_in: float = 0.3) -> dict:
+        """Aggregate completion tokens/s from the common start to the last stream's end, time to first token,
+        the clients' CPU use, and each stream's end (wall-clock time)."""
+        loop = asyncio.get_running_loop()
+        n_proc = min(self.procs, len(prompts))
+        start_at = time.time() + start_in
+        outs = await asyncio.gather(*(
+            loop.run_in_executor(self.pool, _streams_in_process, self.url, prompts[i::n_proc], max_tokens,
+                                 start_at, tolerate) for i in range(n_proc)))
+        ends = sorted(e for o in outs for e in o["ends"])
+        first = [f for o in outs for f in o["first"]]
+        tokens = sum(sum(o["counts"]) for o in outs)
+        wall = ends[-1] - start_at
+        return {"tok_s": tokens / wall, "tokens": tokens, "ttft_p50_s": _pct(first, 0.5) if first else None,
+                "ttft_max_s": max(first) if first else None, "wall_s": wall, "start_at": start_at, "ends": ends,
+                "client_cpu": sum(o["cpu_s"] for o in outs) / wall, "client_procs": n_proc}

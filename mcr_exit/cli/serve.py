@@ -77,13 +77,19 @@ def _check_serve_extra() -> None:
 @click.option("--read-timeout", type=float, default=30.0, show_default=True,
               help="Seconds a client may take to send a request's headers and body; then the connection "
               "is closed (0: no limit).")
+@click.option("--embed-batch-wait", type=float, default=10.0, show_default=True,
+              help="Milliseconds a non-full embedding batch may wait for more inputs while sequences generate "
+              "(fewer, larger forwards leave generation more of the CPU; 0: never wait).")
 @click.option("--no-cuda-graphs", is_flag=True, help="Run decode steps eagerly instead of replaying CUDA graphs.")
+@click.option("--no-compile", is_flag=True,
+              help="Capture the decode steps without compiling their blocks first (torch.compile; GPU only). "
+              "Compiling takes about a minute at the first start and seconds later (inductor's on-disk cache).")
 def serve_command(model, revision, dtype, device, profile_src, tracking_uri, host, port, api_key, api_key_file,
                   no_docs, served_model_name, engine_kind, gpu_memory_utilization, tensor_parallel_size, max_layer,
                   pooling, no_normalize, max_queue, max_queue_tokens, max_batch_tokens, max_batch_size, max_running,
                   kv_cache_tokens, kv_cache_memory, max_inputs, max_request_tokens, max_prompts, max_input_tokens,
                   max_new_tokens, max_body_bytes, timeout, stall_timeout, queue_timeout, read_timeout,
-                  no_cuda_graphs):
+                  embed_batch_wait, no_cuda_graphs, no_compile):
     """Serve embeddings from the profile's layer k (early exit) and full-depth completions."""
     from mcr_exit.cli.serve_checks import check_listen_address
 
@@ -109,7 +115,8 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                        max_request_tokens=max_request_tokens, max_input_tokens=max_input_tokens,
                        max_new_tokens=max_new_tokens, max_layer=max_layer, request_timeout_s=timeout,
                        stall_timeout_s=stall_timeout, queue_timeout_s=queue_timeout, pooling=pooling,
-                       normalize=not no_normalize, cuda_graphs=not no_cuda_graphs)
+                       normalize=not no_normalize, cuda_graphs=not no_cuda_graphs,
+                       compile=not no_compile, embed_batch_wait_s=embed_batch_wait / 1e3)
     click.echo(f"loading {model or 'the built-in model'} on {device} ...", err=True)
     loaded = load_model(model, revision=revision, dtype=dtype, device=device)
     check_profile_fits(profile, name=loaded.spec.name, model_type=loaded.model.config.model_type,

@@ -54,10 +54,12 @@ class EngineConfig:
     request_timeout_s: float = 120.0  # an embedding request, in total
     stall_timeout_s: float = 60.0  # a generation request without a new token for this long: 504
     queue_timeout_s: float = 30.0  # a generation request waiting this long for a KV slot: 429
+    embed_batch_wait_s: float = 0.01  # while sequences generate, a non-full embedding batch waits this long
     pooling: str = DEFAULT_POOLING
     normalize: bool = True
     warmup: bool = True  # warm forwards, and CUDA graphs of the decode steps on a GPU
     cuda_graphs: bool = True
+    compile: bool = True  # on a GPU, compile the blocks of the captured decode steps (torch.compile)
 
     def __post_init__(self):
         if POOLING_ALIASES.get(self.pooling, self.pooling) not in POOLINGS:
@@ -73,6 +75,8 @@ class EngineConfig:
         for name in ("request_timeout_s", "stall_timeout_s", "queue_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.embed_batch_wait_s <= 1:
+            raise ConfigError(f"--embed-batch-wait must be within 0..1000 ms, got {self.embed_batch_wait_s * 1e3:g} ms")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,7 +285,10 @@ class Engine(InputEncoding):
         finally:
             self.stepper.pool.release(slot)
         if self.stepper.device.type == "cuda" and self.config.cuda_graphs:
+            if self.config.compile:
+                self.stepper.enable_compile()
             n = self.stepper.capture_graphs()
+            self.startup_report.update(compiled=bool(self.stepper.compiled))
             self.startup_report.update(cuda_graphs=n)
         self.startup_report.update(warmup_s=round(time.perf_counter() - t0, 2))
 

@@ -77,6 +77,7 @@ class EmbedJob:
     cancelled: threading.Event = field(default_factory=threading.Event)
     vectors: list = field(default_factory=list)  # filled by the engine thread, one row per input
     remaining: int = 0
+    arrived: float = field(default_factory=time.monotonic)
 
     def __post_init__(self):
         self.vectors = [None] * len(self.ids)

@@ -4,7 +4,8 @@ The model code is transformers' own, called through the adapter's backbone with 
 a prepared 4D additive mask (a dict per layer type where some layers use a sliding window) and a
 ``SlotCache``. Decode steps use an attention function that reads grouped KV heads in place (the query
 heads of one KV head become its query rows), instead of transformers' copy of every KV head G times.
-On CUDA every (batch bucket, length bucket) decode step is captured once as a CUDA graph at warm-up.
+On CUDA every (batch bucket, length bucket) decode step is captured once as a CUDA graph at warm-up,
+after its blocks were compiled regionally (``enable_compile``): one compiled graph serves every block.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class ModelStepper:
         self.cache: SlotCache | None = None
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.use_graphs = False
+        self.compiled: list[tuple[torch.nn.Module, object]] = []
 
     # ---- masks and the forward --------------------------------------------------------------
     def _mask(self, q_pos: torch.Tensor, span: int, key_valid: torch.Tensor | None, q_valid: torch.Tensor | None):
@@ -148,11 +150,47 @@ class ModelStepper:
         finally:
             cfg._attn_implementation = old
 
+    def enable_compile(self) -> None:
+        """Run decode steps through ``torch.compile`` of each block, the final norm and the rotary tables.
+
+        Regional compilation: the blocks share one code path, so one compiled graph (per batch-size class)
+        serves all of them; it fuses the norms, rotary, activation and residual adds that eager mode
+        launches as dozens of small kernels per block. The KV write stays eager (a graph break), so the
+        compiled graphs do not depend on the span. Only decode steps use it; prefill and embeddings run
+        the model as it is.
+        """
+        mods = [*self.adapter.blocks, self.adapter.ln_final]
+        mods += [m for m in self.backbone.children() if "Rotary" in type(m).__name__]
+        self.compiled = [(m, torch.compile(m._call_impl, dynamic=True)) for m in mods]
+
+    @contextmanager
+    def _compiled_modules(self):
+        if not self.compiled:
+            yield
+            return
+        import torch._dynamo
+        import torch.fx.experimental._config as fx_config
+
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        for mod, fn in self.compiled:
+            mod._compiled_call_impl = fn
+        # the KV write indexes the pool with the step's span: keep it out of the compiled graphs
+        self.cache.update = torch.compiler.disable(SlotCache.update.__get__(self.cache))
+        try:
+            # block indices are ints on the modules: keep them symbolic, or each block would recompile
+            with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, **{limit: 64}), \
+                    fx_config.patch(use_duck_shape=False):
+                yield
+        finally:
+            for mod, _ in self.compiled:
+                mod._compiled_call_impl = None
+            del self.cache.update
+
     def _decode_eager(self, B: int, span: int) -> torch.Tensor:
         pos = self.positions[:B]
         mask = self._mask(pos[:, None], span, None, None)
         cache = self.cache.for_decode(self.rows[:B], pos, span)
-        with self._decode_attention():
+        with self._decode_attention(), self._compiled_modules():
             hidden = self._forward(self.tokens[:B, None], pos[:, None], mask, cache)
         return self.logits(hidden[:, -1])
 

@@ -49,3 +49,26 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+class HostCopy:
+    """A step's chosen tokens on the host. On CUDA the wait happens in ``Event.synchronize``, which lets go
+    of the GIL (a blocking ``tolist`` of a CUDA tensor may spin while holding it), so the HTTP event loop
+    and the embedding lane keep running while the GPU finishes the step."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buf = torch.empty(0, dtype=torch.long)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def __call__(self, tokens: torch.Tensor) -> list[int]:
+        if not self.cuda:
+            return tokens.tolist()
+        n = tokens.numel()
+        if self.buf.numel() < n:
+            self.buf = torch.empty(max(n, 64), dtype=torch.long, pin_memory=True)
+        host = self.buf[:n]
+        host.copy_(tokens, non_blocking=True)
+        self.event.record()
+        self.event.synchronize()
+        return host.tolist()

@@ -112,3 +112,41 @@ def test_stalled_stream_gets_a_timeout_error(slow_server, monkeypatch):
     assert err["type"] == "timeout_error" and "no new token" in err["message"]
     assert 0.8 <= stalled_for < 5.0  # stall_timeout_s after the last token, which came just before t0
     assert freed.wait(30) and engine.stepper.pool.n_used == 0  # the timed-out request gave its slot back
+
+
+def test_embedding_batches_fill_while_streams_generate(tiny4, tiny4_profile, monkeypatch):
+    """While a sequence generates, inputs that arrive within the batch wait share one forward; with nothing
+    generating, each request runs at once."""
+    engine = build_engine(tiny4, tiny4_profile, max_input_tokens=32, max_new_tokens=200, embed_batch_wait_s=0.5)
+    with running_server(create_app(engine)) as url:
+        slow_decode(monkeypatch, engine, STEP_S)
+
+        def batches():
+            return engine.metrics.get("mcr_exit_batches_total", kind="embedding")
+
+        def two_requests_apart() -> list[httpx.Response]:
+            out = []
+            threads = [threading.Thread(target=lambda t=t: out.append(
+                httpx.post(url + "/v1/embeddings", json={"model": MODEL, "input": t}, timeout=30)))
+                for t in ("first input", "second input")]
+            for th in threads:
+                th.start()
+                time.sleep(0.1)
+            for th in threads:
+                th.join()
+            return out
+
+        before = batches()
+        alone = two_requests_apart()
+        assert all(r.status_code == 200 for r in alone) and batches() == before + 2
+
+        stream = Stream(url, "a long answer", max_tokens=190)
+        stream.start()
+        assert stream.first.wait(30)
+        before = batches()
+        shared = two_requests_apart()
+        running = not stream.ended.is_set()
+        stream.ended.wait(60)
+        assert running and stream.error is None
+        assert all(r.status_code == 200 for r in shared) and batches() == before + 1
+        assert [r.json()["data"][0]["embedding"] for r in shared] == [r.json()["data"][0]["embedding"] for r in alone]

@@ -103,19 +103,19 @@ def test_a_gone_client_gets_no_more_batches_and_blocks_nobody(tiny4, tiny4_profi
     sched = engine.scheduler
     with running_server(create_app(engine)) as url:
         inside, gate, jobs = threading.Event(), threading.Event(), []
-        real_run, real_submit = sched._run_embed, sched.submit_embed
+        real_run, real_submit = sched._launch_embed, sched.submit_embed
 
         def run_embed(batch):
             if batch[0][0] in jobs and not inside.is_set():
                 inside.set()
                 gate.wait(30)  # the first batch of the job is slow; its client gives up meanwhile
-            real_run(batch)
+            return real_run(batch)
 
         def submit(job):
             jobs.append(job)
             real_submit(job)
 
-        monkeypatch.setattr(sched, "_run_embed", run_embed)
+        monkeypatch.setattr(sched, "_launch_embed", run_embed)
         monkeypatch.setattr(sched, "submit_embed", submit)
         before = engine.metrics.get("mcr_exit_batches_total", kind="embedding")
         body = json.dumps({"input": [f"input number {i}" for i in range(6)]}).encode()

@@ -82,13 +82,13 @@ def test_a_slow_but_steady_client_and_a_slow_response_are_not_cut(slow_server, m
         s.sendall(body[10:])
         s.settimeout(10)
         assert s.recv(65536).startswith(b"HTTP/1.1 200")
-    real_run, pause = engine.scheduler._run_embed, threading.Event()
+    real_run, pause = engine.scheduler._launch_embed, threading.Event()
 
     def slow_run(batch):
         pause.wait(2 * READ_TIMEOUT)  # never set: the answer takes twice the read timeout
-        real_run(batch)
+        return real_run(batch)
 
-    monkeypatch.setattr(engine.scheduler, "_run_embed", slow_run)
+    monkeypatch.setattr(engine.scheduler, "_launch_embed", slow_run)
     t0 = time.monotonic()
     r = httpx.post(url + "/v1/embeddings", json={"input": "a slow answer"}, timeout=30)
     assert r.status_code == 200 and time.monotonic() - t0 > 2 * READ_TIMEOUT
