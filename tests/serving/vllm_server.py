@@ -76,12 +76,12 @@ def metric(base: str, name: str, **labels) -> float:
 
 
 @contextmanager
-def vllm_server(model_dir: Path, profile: Path, *extra: str, ready_timeout: float = 600):
-    """``mcr-exit serve --engine vllm`` in a child process; yields (base URL, Popen) once /health/ready is 200."""
+def vllm_server(model_dir: Path | None, profile: Path, *extra: str, ready_timeout: float = 600):
+    """``mcr-exit serve --engine vllm`` in a child process (``model_dir`` None: the built-in model); yields (base URL, Popen) once /health/ready is 200."""
     port = free_port()
     log = open(Path(profile).with_suffix(f".{port}.log"), "w")  # noqa: SIM115 - closed below
     cmd = [sys.executable, "-m", "mcr_exit", "serve", "--engine", "vllm", "--enforce-eager", "--dtype", "float32",
-           "--max-model-len", "4096", "--model", str(model_dir), "--profile", str(profile), "--port", str(port),
+           "--max-model-len", "4096", *(["--model", str(model_dir)] if model_dir else []), "--profile", str(profile), "--port", str(port),
            "--max-input-tokens", "256", "--max-new-tokens", "3000", *extra]
     proc = subprocess.Popen(cmd, env=vllm_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
