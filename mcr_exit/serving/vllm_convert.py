@@ -33,9 +33,13 @@ def main(argv: list[str]) -> int:
     config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
-    save_model(model, str(tmp / "model.safetensors"))  # tied weights are stored once
+    state = model.state_dict()
+    if getattr(config, "tie_word_embeddings", False):  # stored once, under the input embedding's name,
+        state.pop("lm_head.weight", None)  # which is the one vLLM loads for a tied output layer
+    save_file({name: t.contiguous() for name, t in state.items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
     loaded.tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a folder with config.json is a finished conversion

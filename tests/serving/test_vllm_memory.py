@@ -38,9 +38,9 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def big_mlp_dir(tmp_path_factory, tokenizer):
-    """Few blocks, wide MLPs: ~400 MB of float32 weights, large next to vLLM's own footprint."""
+    """Few blocks, wide MLPs: ~500 MB of float32 weights, large next to vLLM's own footprint."""
     return save_tiny_llama(tmp_path_factory.mktemp("vllm-mem") / "wide-llama", tokenizer, n_layers=4,
-                           hidden=256, intermediate=32768)
+                           hidden=256, intermediate=40960)
 
 
 def test_embeddings_add_no_second_copy_of_the_weights(big_mlp_dir, tmp_path):
