@@ -38,10 +38,15 @@ def _check_serve_extra() -> None:
               help="Turn off /docs, /redoc and /openapi.json (with an API key they are behind it).")
 @click.option("--served-model-name", multiple=True, help="Extra model name(s) clients may send.")
 @click.option("--engine", "engine_kind", type=click.Choice(["transformers", "vllm"]), default="transformers",
-              show_default=True, help="Generation engine; embeddings always use the early-exit path.")
-@click.option("--gpu-memory-utilization", type=float, default=0.5, show_default=True,
-              help="vLLM: fraction of total GPU memory for vLLM (weights + KV cache).")
-@click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM: GPUs per replica.")
+              show_default=True, help="transformers: mcr-exit's own engine. vllm: vLLM's async engine on one copy "
+              "of the weights, embeddings from its model stopped after block k (extra [vllm]).")
+@click.option("--tensor-parallel-size", type=int, default=None, help="vLLM: GPUs one model is split across (1).")
+@click.option("--gpu-memory-utilization", type=float, default=None,
+              help="vLLM: fraction of each GPU's memory for weights, activations and KV cache (vLLM's 0.9).")
+@click.option("--max-model-len", type=int, default=None, help="vLLM: context length (default: the model's).")
+@click.option("--quantization", default=None, metavar="METHOD",
+              help="vLLM: quantization method, passed through (awq, gptq, fp8, ...; default: the checkpoint's).")
+@click.option("--enforce-eager", is_flag=True, help="vLLM: no torch.compile / CUDA graphs (faster start).")
 @click.option("--max-layer", type=int, default=None, help="Highest hidden index a request's `layer` may ask for.")
 @pooling_option
 @click.option("--no-normalize", is_flag=True, help="Return raw pooled vectors instead of L2-normalized ones.")
@@ -83,9 +88,10 @@ def _check_serve_extra() -> None:
 @click.option("--no-cuda-graphs", is_flag=True, help="Run decode steps eagerly instead of replaying CUDA graphs.")
 @click.option("--no-compile", is_flag=True,
               help="Capture the decode steps without compiling their blocks first (torch.compile; GPU only). "
-              "Compiling takes about a minute at the first start and seconds later (inductor's on-disk cache).")
+              "Compiling adds about 15-20 s to the start on an H200.")
 def serve_command(model, revision, dtype, device, profile_src, tracking_uri, host, port, api_key, api_key_file,
-                  no_docs, served_model_name, engine_kind, gpu_memory_utilization, tensor_parallel_size, max_layer,
+                  no_docs, served_model_name, engine_kind, tensor_parallel_size, gpu_memory_utilization,
+                  max_model_len, quantization, enforce_eager, max_layer,
                   pooling, no_normalize, max_queue, max_queue_tokens, max_batch_tokens, max_batch_size, max_running,
                   kv_cache_tokens, kv_cache_memory, max_inputs, max_request_tokens, max_prompts, max_input_tokens,
                   max_new_tokens, max_body_bytes, timeout, stall_timeout, queue_timeout, read_timeout,
@@ -95,10 +101,8 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
 
     _check_serve_extra()
     api_key = _resolve_api_key(api_key, api_key_file)
-    if engine_kind == "vllm":
-        from mcr_exit.serving.vllm_generator import require_vllm
-
-        require_vllm()
+    vllm_options = _vllm_options(engine_kind, dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len,
+                                 quantization, enforce_eager)
     check_listen_address(host, port)  # a bad or busy address fails before anything loads
     if api_key is None and not _is_loopback(host):  # warned only about an address it will serve on
         click.echo(f"warning: serving on {host} without an API key: anyone who can reach this address can use "
@@ -117,25 +121,65 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                        stall_timeout_s=stall_timeout, queue_timeout_s=queue_timeout, pooling=pooling,
                        normalize=not no_normalize, cuda_graphs=not no_cuda_graphs,
                        compile=not no_compile, embed_batch_wait_s=embed_batch_wait / 1e3)
-    click.echo(f"loading {model or 'the built-in model'} on {device} ...", err=True)
-    loaded = load_model(model, revision=revision, dtype=dtype, device=device)
-    check_profile_fits(profile, name=loaded.spec.name, model_type=loaded.model.config.model_type,
-                       n_layers=loaded.n_layers, hidden_size=int(loaded.model.config.hidden_size))
-    generator = None
-    if engine_kind == "vllm":
-        from mcr_exit.serving.vllm_generator import VllmGenerator
-
-        generator = VllmGenerator(loaded.spec.location, dtype=loaded.spec.dtype,
-                                  gpu_memory_utilization=gpu_memory_utilization,
-                                  tensor_parallel_size=tensor_parallel_size)
-    engine = Engine(loaded, profile, cfg, generator=generator)
+    if vllm_options is not None:
+        engine = _vllm_engine(model, revision, profile, cfg, vllm_options)
+    else:
+        click.echo(f"loading {model or 'the built-in model'} on {device} ...", err=True)
+        loaded = load_model(model, revision=revision, dtype=dtype, device=device)
+        check_profile_fits(profile, name=loaded.spec.name, model_type=loaded.model.config.model_type,
+                           n_layers=loaded.n_layers, hidden_size=int(loaded.model.config.hidden_size))
+        engine = Engine(loaded, profile, cfg)
     app = create_app(engine, api_key=api_key, max_body_bytes=max_body_bytes,
                      served_model_names=tuple(served_model_name), docs=not no_docs)
-    click.echo(f"{loaded.spec.name}: {loaded.n_layers} blocks; {phase_line(profile.phases, loaded.n_layers)}; "
+    click.echo(f"{engine.model_id}: {engine.n_layers} blocks; {phase_line(profile.phases, engine.n_layers)}; "
                f"embeddings from hidden {engine.embedding_layer} "
                f"(profile {profile.source}, sha256 {profile.sha256[:12]}); http://{host}:{port}/v1"
                + ("; API key required" if api_key else ""), err=True)
     run_server(app, engine, host=host, port=port, read_timeout=read_timeout)
+
+
+def _vllm_options(engine_kind, dtype, tensor_parallel_size, gpu_memory_utilization, max_model_len, quantization,
+                  enforce_eager):
+    """The checked vLLM options (None for the transformers engine, which refuses vLLM's flags)."""
+    from mcr_exit.errors import ConfigError
+
+    given = {"--tensor-parallel-size": tensor_parallel_size, "--gpu-memory-utilization": gpu_memory_utilization,
+             "--max-model-len": max_model_len, "--quantization": quantization,
+             "--enforce-eager": enforce_eager or None}
+    if engine_kind != "vllm":
+        named = [flag for flag, value in given.items() if value is not None]
+        if named:
+            raise ConfigError(f"{', '.join(named)} only apply to --engine vllm")
+        return None
+    from mcr_exit.serving.vllm_generator import VllmOptions, require_vllm
+
+    options = VllmOptions(tensor_parallel_size=1 if tensor_parallel_size is None else tensor_parallel_size,
+                          gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                          quantization=quantization, enforce_eager=enforce_eager, dtype=dtype)
+    require_vllm()
+    options.check_quantization()
+    return options
+
+
+def _vllm_engine(model, revision, profile, cfg, options):
+    """vLLM's async engine on the model, and the engine the routes talk to (no transformers weights here)."""
+    from transformers import AutoTokenizer
+
+    from mcr_exit.serving.profile_source import check_profile_fits
+    from mcr_exit.serving.vllm_engine import VllmEngine
+    from mcr_exit.serving.vllm_generator import model_shape, resolve_model, start_async_llm
+
+    where = resolve_model(model, revision=revision)
+    shape = model_shape(where.location)
+    check_profile_fits(profile, name=where.name, model_type=shape["model_type"], n_layers=shape["n_layers"],
+                       hidden_size=shape["hidden_size"])
+    tokenizer = AutoTokenizer.from_pretrained(where.location)
+    click.echo(f"starting vLLM on {where.location} (tensor parallel {options.tensor_parallel_size}) ...", err=True)
+    llm = start_async_llm(where.location, options, max_num_seqs=cfg.max_running)
+    return VllmEngine(llm, tokenizer, name=where.name, location=where.location, n_layers=shape["n_layers"],
+                      hidden_size=shape["hidden_size"], vocab_size=shape["vocab_size"],
+                      max_positions=shape["max_positions"], profile=profile, config=cfg,
+                      max_model_len=options.max_model_len)
 
 
 def _resolve_api_key(api_key: str | None, api_key_file: str | None) -> str | None:

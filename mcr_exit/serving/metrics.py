@@ -14,6 +14,9 @@ _HELP = {
     "mcr_exit_tokens_total": ("counter", "Tokens processed, by kind (embedding_input, prompt, completion)."),
     "mcr_exit_blocks_executed_total": ("counter", "Transformer block forward calls, by kind (embedding, generation)."),
     "mcr_exit_batches_total": ("counter", "Model forward batches, by kind."),
+    "mcr_exit_embedding_block_calls_total": ("counter", "Embedding calls of each block inside vLLM's worker "
+                                             "(--engine vllm); blocks after the layer asked for stay at 0."),
+    "mcr_exit_vllm_aborted_total": ("counter", "Generation requests aborted in vLLM (client gone, shutdown)."),
     "mcr_exit_ready": ("gauge", "1 once the engine has warmed up."),
 }
 
