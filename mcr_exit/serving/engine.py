@@ -132,13 +132,14 @@ def _coalesce(first: tuple, queue: asyncio.Queue) -> list[tuple]:
 
 
 class Engine(InputEncoding):
+    generation_engine = "mcr-exit"  # reported by /v1/models
+
     def __init__(self, loaded: LoadedModel, profile: ProfileSource | None = None,
                  config: EngineConfig | None = None, *, embedding_layer: int | None = None,
-                 generator=None, metrics: Metrics | None = None):
+                 metrics: Metrics | None = None):
         self.loaded, self.profile = loaded, profile
         self.config = config or EngineConfig()
         self.metrics = metrics or Metrics()
-        self.generator = generator  # optional object with .generate(list[GenerationRequest]) (vLLM)
         L = loaded.n_layers
         k = embedding_layer if embedding_layer is not None else (profile.embedding_layer if profile else L)
         self.max_layer = L if self.config.max_layer is None else self.config.max_layer
@@ -157,7 +158,7 @@ class Engine(InputEncoding):
         self.stepper = ModelStepper(loaded)
         self.scheduler = Scheduler(stepper=self.stepper, tokenizer=loaded.tokenizer, config=self.config,
                                    metrics=self.metrics, eos_ids=eos_ids_of(loaded.model, loaded.tokenizer),
-                                   pad_id=self.pad_id, generator=generator)
+                                   pad_id=self.pad_id)
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None  # the generation lane; it starts the embedding lane
         self._embed_thread: threading.Thread | None = None
@@ -227,8 +228,6 @@ class Engine(InputEncoding):
         return len(self.scheduler.waiting) >= self.config.max_queue
 
     def _build_pool(self) -> None:
-        if self.generator is not None:
-            return  # the external backend keeps its own cache
         cfg, dev = self.config, self.stepper.device
         shapes = self.stepper.layer_shapes()
         per_token = KVPool.bytes_per_token(shapes, self.stepper.dtype)
@@ -274,8 +273,6 @@ class Engine(InputEncoding):
         job = EmbedJob(ids=ids, layer=self.embedding_layer, pooling=self.config.pooling,
                        normalize=self.config.normalize, deadline=float("inf"))
         self.scheduler._run_embed([(job, 0)], queued=False)
-        if self.generator is not None:
-            return
         t0 = time.perf_counter()
         slot = self.stepper.pool.alloc()
         try:

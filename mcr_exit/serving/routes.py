@@ -226,7 +226,7 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
                         "mlflow_run_id": p.doc.get("mlflow_run_id")}
             if p else None,
             "pooling": engine.config.pooling, "normalize": engine.config.normalize,
-            "generation_engine": "vllm" if engine.generator is not None else "mcr-exit",
+            "generation_engine": engine.generation_engine,
             "limits": {"context_tokens": engine.context_len, "max_input_tokens": engine.config.max_input_tokens,
                        "max_new_tokens": engine.config.max_new_tokens,
                        "embedding_timeout_s": engine.config.request_timeout_s,

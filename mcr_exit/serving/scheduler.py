@@ -80,9 +80,9 @@ def _deliver(items: list) -> None:
 
 
 class Scheduler:
-    def __init__(self, *, stepper, tokenizer, config, metrics, eos_ids: set[int], pad_id: int, generator=None):
+    def __init__(self, *, stepper, tokenizer, config, metrics, eos_ids: set[int], pad_id: int):
         self.stepper, self.tok, self.config, self.metrics = stepper, tokenizer, config, metrics
-        self.eos_ids, self.pad_id, self.generator = eos_ids, pad_id, generator
+        self.eos_ids, self.pad_id = eos_ids, pad_id
         self.cond = threading.Condition()  # generation queue and running rows
         self.embed_cond = threading.Condition()  # embedding queue
         self.forward_lock = FairLock()
@@ -148,11 +148,8 @@ class Scheduler:
             try:
                 with torch.inference_mode():
                     if admitted:
-                        if self.generator is not None:
-                            self._run_generator(admitted)
-                        else:
-                            with self.forward_lock:
-                                self._prefill(admitted)
+                        with self.forward_lock:
+                            self._prefill(admitted)
                     if self.rows:
                         self._decode()
             except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
@@ -318,11 +315,11 @@ class Scheduler:
             n = len(self.waiting[0].req.prompt_ids)
             if admitted and tokens + n > self.config.max_batch_tokens:
                 break
-            if self.generator is None and (pool is None or pool.n_free - len(admitted) <= 0):
+            if pool is None or pool.n_free - len(admitted) <= 0:
                 break
             admitted.append(self.waiting.popleft())
             tokens += n
-        full = self.generator is None and (pool is None or pool.n_free - len(admitted) <= 0)
+        full = pool is None or pool.n_free - len(admitted) <= 0
         for handle in [h for h in self.waiting if now - h.submitted > self.config.queue_timeout_s]:
             self.waiting.remove(handle)
             why = ("no KV cache slot came free" if full else "the request waited behind earlier prefills")
@@ -400,16 +397,6 @@ class Scheduler:
             row.handle.future.set_result(out)
         if row.handle.events is not None:
             self._events.append((row.handle, ("done", out)))
-
-    def _run_generator(self, handles: list[GenerationHandle]) -> None:
-        """An external generation backend (vLLM): whole requests at once, text in one piece."""
-        outputs = self.generator.generate([h.req for h in handles])
-        for handle, out in zip(handles, outputs):
-            if handle.stream and out.text and handle.events is not None:
-                self._events.append((handle, ("text", out.text)))
-            handle.future.set_result(out)
-            if handle.events is not None:
-                self._events.append((handle, ("done", out)))
 
     # ---- delivery and failure ----------------------------------------------------------------
     def _error(self, handle: GenerationHandle, exc: BaseException) -> None:

@@ -76,6 +76,8 @@ class _Lanes:
 
 
 class VllmEngine(InputEncoding):
+    generation_engine = "vllm"  # reported by /v1/models
+
     # The request checks and the event reading of the built-in engine: they use only ``config``,
     # ``context_len`` and the handles, so both engines answer the same requests the same way.
     check_generation = Engine.check_generation
@@ -88,7 +90,6 @@ class VllmEngine(InputEncoding):
                  embedding_layer: int | None = None, metrics: Metrics | None = None,
                  max_model_len: int | None = None):
         self.llm = llm
-        self.generator = llm  # /v1/models reports "vllm" as the generation engine
         self.loaded = _TokenizerOnly(tokenizer, name, location)
         self.profile = profile
         self.config = config or EngineConfig()
