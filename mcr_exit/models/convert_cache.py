@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -39,6 +40,7 @@ import torch
 from mcr_exit.timing import stage
 
 CACHE_ENV = "MCR_EXIT_CACHE"
+_PATCHING = threading.Lock()
 FORMAT = 1  # bump when the layout or what is saved changes
 _OFF = ("off", "0", "none", "false", "no")
 
@@ -144,13 +146,14 @@ def _fast_gguf_reading() -> Iterator[None]:
             readers[key] = PlainReader(path, mode)
         return readers[key]
 
-    saved = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(saved[1])
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = saved
-        readers.clear()
+    with _PATCHING:  # one conversion at a time patches the gguf module
+        saved = gguf.GGUFReader, gguf.get_tensor_name_map
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(saved[1])
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = saved
+            readers.clear()
 
 
 def _convert(path: Path, model_kwargs: dict):
@@ -240,11 +243,10 @@ def load_gguf(path: Path, *, model_kwargs: dict) -> tuple[object, torch.nn.Modul
             return _load_entry(entry, dtype_dir, model_kwargs)
         except Exception:  # noqa: BLE001 - a damaged entry: convert again below
             shutil.rmtree(dtype_dir, ignore_errors=True)
+    if entry is None:  # no cache: as transformers loads it (device map included)
+        return _convert(path, model_kwargs)
     # Convert on the CPU with the caller's dtype; a device map is applied by reloading the saved entry.
-    convert_kwargs = {k: v for k, v in model_kwargs.items() if k != "device_map"}
-    tokenizer, lm = _convert(path, convert_kwargs)
-    if entry is None:
-        return tokenizer, lm
+    tokenizer, lm = _convert(path, {k: v for k, v in model_kwargs.items() if k != "device_map"})
     source = {"gguf": str(Path(os.path.realpath(path))), "dtype": dtype, **_identity(path)}
     with stage("load_model.cache_write"):
         try:

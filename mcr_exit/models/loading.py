@@ -107,7 +107,8 @@ def load_model(
     device: str = "cpu",
     attn_implementation: str = "sdpa",
 ) -> LoadedModel:
-    """Load model and tokenizer; ``model=None`` is the built-in SmolLM2-135M-Instruct GGUF."""
+    """Load model and tokenizer; ``model=None`` is the built-in SmolLM2-135M-Instruct GGUF. A GGUF file is
+    converted once and read back from the convert cache afterwards (``convert_cache``, docs/performance.md)."""
     with stage("load_model.imports"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging

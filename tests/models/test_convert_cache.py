@@ -132,3 +132,14 @@ def test_a_cache_that_cannot_be_written_does_not_fail_a_load(tmp_path, monkeypat
     f.write_bytes(b"GGUF" + b"\0" * 64)
     tok, model = convert_cache.load_gguf(f, model_kwargs={"dtype": torch.float32})
     assert tok == "tokenizer" and isinstance(model, torch.nn.Linear) and calls == [f]
+
+
+def test_without_a_cache_the_gguf_loads_as_transformers_loads_it(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(convert_cache, "_convert", lambda path, kwargs: seen.append(kwargs) or ("tok", "model"))
+    monkeypatch.setenv("MCR_EXIT_CACHE", "off")
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 64)
+    kwargs = {"dtype": torch.bfloat16, "device_map": "auto"}
+    assert convert_cache.load_gguf(f, model_kwargs=kwargs) == ("tok", "model")
+    assert seen == [kwargs] and not (tmp_path / "cache").exists()
