@@ -1,6 +1,6 @@
 """A GGUF file shaped like another one (same metadata, tokenizer, tensor names, shapes and quantization
-types) with random weights: for timing where the real file cannot travel (a 93 MB model on a machine
-that takes 64 MiB per call). Loading, de-quantizing and running it cost what the real file costs; its
+types) with random weights: for timing where the real file cannot be installed or copied (only the
+0.4 MB export of its metadata has to get there). Loading, de-quantizing and running it cost what the real file costs; its
 numbers mean nothing.
 
     python benchmarks/random_gguf.py export --gguf MODEL.gguf --to skeleton.json.gz   # metadata only (~2 MB)
