@@ -48,6 +48,18 @@ def tiny_llama_dir(tmp_path_factory, tiny_models, tokenizer):
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _convert_cache(tmp_path_factory):
+    """GGUF conversions of this session go to a folder of its own, not to the user's cache."""
+    old = os.environ.get("MCR_EXIT_CACHE")
+    os.environ["MCR_EXIT_CACHE"] = str(tmp_path_factory.mktemp("mcr-exit-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MCR_EXIT_CACHE", None)
+    else:
+        os.environ["MCR_EXIT_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -51,13 +51,13 @@ def phase_summary(phases, embedding_layer: int) -> dict[str, float]:
 
 
 def log_analysis(logger, result) -> None:
-    """analyze: per-layer series, one-value summaries, the metric legend, the output files."""
+    """analyze: per-layer series, one-value summaries, the metric legend (the output files are logged by
+    the caller once the folder is written: these values need only the result)."""
     logger.log_series(layer_series(result.table))
     logger.log_metrics(keyed("summary", phase_summary(result.phases, result.profile["embedding_layer"])))
     p = result.phases
     logger.set_tags({"mcr_exit.phases_found": str(p.found), "mcr_exit.carrier": str(p.carrier)})
     logger.describe_metrics(("hidden", "attention", "summary"))
-    logger.log_artifacts(result.output_dir)
 
 
 def log_ablation(logger, result, *, tracking_uri, experiment: str) -> None:

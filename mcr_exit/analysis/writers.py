@@ -8,24 +8,28 @@ from pathlib import Path
 
 from mcr_exit.outputs import staged_output_dir
 from mcr_exit.phase_profile import write_profile
+from mcr_exit.timing import stage
 
 
-def write_analysis(result, out_dir: Path) -> Path:
-    """analyze: phase_profile.json, layers.csv, per_prompt.csv.gz, per_head.csv and the figures."""
-    from mcr_exit.analysis import plots
+def write_analysis(result, out_dir: Path, *, figures=None) -> Path:
+    """analyze: phase_profile.json, layers.csv, per_prompt.csv.gz, per_head.csv and the figures. The
+    figures are drawn here, or collected from ``figures`` (a ``FigureWorker`` given the result's figures),
+    which drew them meanwhile; the folder becomes final only once they are written."""
+    from mcr_exit.analysis.figure_worker import analysis_figures, draw
 
     with staged_output_dir(out_dir) as staging:
-        write_profile(result.profile, staging)
-        result.table.to_csv(staging / "layers.csv", index=False)
-        result.per_prompt.to_csv(staging / "per_prompt.csv.gz", index=False)
-        result.heads.to_csv(staging / "per_head.csv", index=False)
-        if result.head_maps is not None:
-            phases = result.profile["phases"]
-            plots.plot_triptych(result.table, phases, result.title, staging / "figure1_triptych.png")
-            plots.plot_bounds(result.table, phases, result.title, staging / "bounds.png")
-            name = result.profile["model"]["name"]
-            plots.plot_head_maps(result.head_maps, f"{name}, prompt {result.head_maps_prompt}",
-                                 staging / "attention_maps.png")
+        with stage("tables"):
+            write_profile(result.profile, staging)
+            result.table.to_csv(staging / "layers.csv", index=False)
+            result.per_prompt.to_csv(staging / "per_prompt.csv.gz", index=False)
+            result.heads.to_csv(staging / "per_head.csv", index=False)
+        with stage("figures"):  # with a worker: only what is left of its drawing when the tables are done
+            if figures is not None:
+                for name, png in figures.collect().items():
+                    (staging / name).write_bytes(png)
+            else:
+                for name, figure, args in analysis_figures(result):
+                    draw(figure, args, staging / name)
     return Path(out_dir)
 
 

@@ -32,14 +32,19 @@ def _progress_factory(total: int):
               help="Entropy and top eigenvalues: exact eigensolver, or estimated from matrix products "
                    "(within ~2e-4 nats of float64 eigenvalues; see docs/metrics.md). auto: estimate on a GPU, "
                    "exact elsewhere.")
+@click.option("--verbose", is_flag=True,
+              help="Print the seconds each stage took (imports, model load, statistics, figures, logging ...).")
 @tracking_options
 def analyze_command(model, revision, dtype, device, data, field, max_prompts, max_length, bos, tau,
-                    batch_size, output_dir, no_plots, spectra, tracking_uri, experiment, no_mlflow):
+                    batch_size, output_dir, no_plots, spectra, verbose, tracking_uri, experiment, no_mlflow):
     """Measure, layer by layer, massive activations, compression and attention sinks; find the phases."""
     from mcr_exit.run_state import preflight
+    from mcr_exit.timing import StageTimer
 
+    timer = StageTimer.since_process_start()
     preflight(output_dir, mlflow=not no_mlflow, tracking_uri=tracking_uri)  # in a second, before torch loads
-    from mcr_exit.analysis.run import AnalyzeConfig, analyze
+    with timer.stage("imports"):
+        from mcr_exit.analysis.run import AnalyzeConfig, analyze
 
     cfg = AnalyzeConfig(
         model=model, revision=revision, dtype=dtype, device=device, bos=bos, data=data, field=field,
@@ -47,6 +52,8 @@ def analyze_command(model, revision, dtype, device, data, field, max_prompts, ma
         output_dir=output_dir, tracking_uri=tracking_uri, experiment=experiment, mlflow=not no_mlflow,
         plots=not no_plots, spectra=spectra,
     )
-    result = analyze(cfg, progress_factory=_progress_factory)
+    result = analyze(cfg, progress_factory=_progress_factory, timer=timer)
     if result is not None:  # under torchrun only rank 0 reports
         click.echo(phase_summary(result))
+        if verbose:
+            click.echo(timer.report())

