@@ -17,12 +17,14 @@ from mcr_exit.analysis.collect import SPECTRA_METHODS, capture_head_maps, spectr
 from mcr_exit.analysis.distributed import collect_statistics_distributed, init_from_env, rank
 from mcr_exit.analysis.phases import Phases, detect_phases, recommend_embedding_layer
 from mcr_exit.analysis.profile import build_profile, head_table, layer_table, per_prompt_table
+from mcr_exit.analysis.spikes import spike_summary, spike_tokens_table
 from mcr_exit.data import PromptSet, load_prompts
 from mcr_exit.errors import ConfigError
 from mcr_exit.models import LoadedModel, load_model
 from mcr_exit.models.attention_stats import IMPLEMENTATION
-from mcr_exit.models.tokens import EncodedPrompts, encode_prompts, resolve_bos
-from mcr_exit.phase_profile import portable_data_source, portable_location
+from mcr_exit.models.bos_choice import decide_bos
+from mcr_exit.models.tokens import EncodedPrompts, encode_prompts
+from mcr_exit.phase_profile import clean_json, portable_data_source, portable_location
 from mcr_exit.run_state import preflight
 
 
@@ -73,6 +75,7 @@ class AnalysisResult:
     output_dir: Path
     run_id: str | None
     seconds: float
+    spike_tokens: pd.DataFrame | None = None  # spike_tokens.csv: the largest-norm tokens per hidden index
 
 
 def default_output_dir(prefix: str, model_name: str) -> Path:
@@ -138,8 +141,10 @@ def measure(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos, en
         "mlflow_run_id": run_id,
     }
     final = {k: float(np.nanmean(v)) for k, v in stats.final_normed.items()}
+    tokens = spike_tokens_table(stats, enc.ids, loaded.tokenizer)
     doc = build_profile(table=table, phases=phases.as_dict(), embedding_layer=emb, embedding_reason=emb_reason,
                         final_normed=final, provenance=provenance)
+    doc["massive_activations"] = clean_json(spike_summary(stats, tokens))
     heads = head_table(stats)
     maps = example = None
     if cfg.plots:
@@ -152,6 +157,7 @@ def measure(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos, en
     return AnalysisResult(
         profile=doc, phases=phases, table=table, per_prompt=per_prompt_table(stats, enc.kept), heads=heads,
         head_maps=maps, head_maps_prompt=example, output_dir=out_dir, run_id=run_id, seconds=time.time() - t0,
+        spike_tokens=tokens,
         title=f"{loaded.spec.name} on {prompts.name} ({len(enc.ids)} prompts)",
     )
 
@@ -175,7 +181,7 @@ def analyze(
     if loaded is None:
         device = init_from_env(cfg.device)
         loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=device)
-    bos = resolve_bos(loaded.tokenizer, cfg.bos)
+    bos = decide_bos(loaded, cfg.bos)
     enc = encode_prompts(loaded.tokenizer, prompts.texts, bos, cfg.max_length)
     if rank() != 0:
         # torchrun: other ranks contribute their share of the prompts; rank 0 writes and logs.

@@ -19,6 +19,8 @@ def write_analysis(result, out_dir: Path) -> Path:
         result.table.to_csv(staging / "layers.csv", index=False)
         result.per_prompt.to_csv(staging / "per_prompt.csv.gz", index=False)
         result.heads.to_csv(staging / "per_head.csv", index=False)
+        if result.spike_tokens is not None:
+            result.spike_tokens.to_csv(staging / "spike_tokens.csv", index=False)
         if result.head_maps is not None:
             phases = result.profile["phases"]
             plots.plot_triptych(result.table, phases, result.title, staging / "figure1_triptych.png")

@@ -69,6 +69,9 @@ _HIDDEN = [
     ("anisotropy_bound_weak", "fraction", "weak bound c / (c + 1) on anisotropy"),
     ("entropy_bound", "nats", "Corollary 2.3 upper bound -p log p - (1-p) log(1-p) + (1-p) log(r-1) on entropy"),
     ("entropy_bound_weak", "nats", "the entropy bound with p = c / (c + 1)"),
+    ("max_norm_ratio", "ratio", "largest token norm / median token norm, at any position (metrics/massive.py)"),
+    ("max_at_position0", "fraction", "share of prompts whose largest-norm token is position 0"),
+    ("max_at_delimiter", "fraction", "share of prompts whose largest-norm token is a delimiter (not position 0)"),
 ]
 _ATTENTION = [
     ("sink_rate", "fraction", "share of heads whose sink score is >= tau"),

@@ -106,6 +106,9 @@ def load_model(
     attn_implementation: str = "sdpa",
 ) -> LoadedModel:
     """Load model and tokenizer; ``model=None`` is the built-in SmolLM2-135M-Instruct GGUF."""
+    from mcr_exit.models.registry import resolve_model_name
+
+    model = resolve_model_name(model)  # a short name (`mcr-exit models`) -> its GGUF file, assembled once
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

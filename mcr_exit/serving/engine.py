@@ -9,6 +9,7 @@ blocks on the model.
 
 from __future__ import annotations
 
+import dataclasses
 import asyncio
 import logging
 import threading
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 
 from mcr_exit.errors import ConfigError
+from mcr_exit.metrics.massive import MASSIVE_RATIO
 from mcr_exit.metrics.pooling import DEFAULT_POOLING, POOLING_ALIASES, POOLINGS
 from mcr_exit.models import LoadedModel
-from mcr_exit.models.tokens import pad_id_of, resolve_bos
+from mcr_exit.models.bos_choice import decide_bos
+from mcr_exit.models.tokens import pad_id_of
 from mcr_exit.serving.errors import EngineNotReady, InvalidRequest, RequestTimeout
 from mcr_exit.serving.inputs import InputEncoding
 from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput, GenerationRequest
@@ -56,6 +59,7 @@ class EngineConfig:
     queue_timeout_s: float = 30.0  # a generation request waiting this long for a KV slot: 429
     pooling: str = DEFAULT_POOLING
     normalize: bool = True
+    massive_ratio: float = MASSIVE_RATIO  # mean_no_massive's rule; the profile's massive_activations.rule wins
     warmup: bool = True  # warm forwards, and CUDA graphs of the decode steps on a GPU
     cuda_graphs: bool = True
 
@@ -133,6 +137,9 @@ class Engine(InputEncoding):
                  generator=None, metrics: Metrics | None = None):
         self.loaded, self.profile = loaded, profile
         self.config = config or EngineConfig()
+        rule = ((profile.doc.get("massive_activations") or {}).get("rule") or {}) if profile else {}
+        if rule.get("threshold"):
+            self.config = dataclasses.replace(self.config, massive_ratio=float(rule["threshold"]))
         self.metrics = metrics or Metrics()
         self.generator = generator  # optional object with .generate(list[GenerationRequest]) (vLLM)
         L = loaded.n_layers
@@ -143,7 +150,7 @@ class Engine(InputEncoding):
         if k > self.max_layer:
             raise ConfigError(f"--max-layer {self.max_layer} is below the embedding layer {k}")
         self.embedding_layer = k
-        self.bos = resolve_bos(loaded.tokenizer, "auto")
+        self.bos = decide_bos(loaded, "auto")
         self.pad_id = pad_id_of(loaded.tokenizer)
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         self.hidden_size = int(loaded.adapter.embed.weight.shape[1])

@@ -206,7 +206,8 @@ class Scheduler:
             hidden = hidden_at(self.stepper.adapter, ids, mask, layer)  # blocks layer+1.. never run
             pooled: dict[tuple, np.ndarray] = {}
             for key in {(job.pooling, job.normalize) for job, _ in batch}:
-                pooled[key] = pool_hidden(hidden, mask, key[0], normalize=key[1]).cpu().numpy()
+                pooled[key] = pool_hidden(hidden, mask, key[0], normalize=key[1],
+                                          massive_ratio=self.config.massive_ratio).cpu().numpy()
         finally:
             if queued:
                 with self.embed_cond:
