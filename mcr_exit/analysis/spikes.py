@@ -29,25 +29,31 @@ def _text(tokenizer, token_id: int) -> str:
 def spike_tokens_table(stats: LayerStatistics, ids: list[list[int]], tokenizer) -> pd.DataFrame:
     """One row per (hidden index, token that is some prompt's largest-norm token there), the most frequent
     first (at most TOKENS_PER_LAYER per index): token text, its most common position, category, how many
-    prompts have it on top, median ratio to the median norm."""
+    prompts have it on top, median ratio to the median norm. Position 0 counts as one token whatever its
+    text (without a BOS it is each prompt's own first word): ``token`` is then its most common text and
+    ``distinct_texts`` says how many there were."""
     pos, ratio = stats.tokens["top_position"][:, :, 0], stats.tokens["top_ratio"][:, :, 0]
     N, n_idx = pos.shape
     rows = []
     for i in range(n_idx):
-        groups: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        groups: dict[str, list[tuple[int, float, str]]] = defaultdict(list)
         for n in range(N):
             if not np.isfinite(pos[n, i]) or not ratio[n, i] > 0:
                 continue
             p = int(pos[n, i])
-            groups[_text(tokenizer, ids[n][p])].append((p, float(ratio[n, i])))
-        ranked = sorted(groups.items(), key=lambda kv: (-len(kv[1]), -np.median([r for _, r in kv[1]])))
-        for rank, (text, hits) in enumerate(ranked[:TOKENS_PER_LAYER], start=1):
-            position = Counter(p for p, _ in hits).most_common(1)[0][0]
-            rows.append({"index": i, "rank": rank, "token": text, "position": position,
-                         "category": token_category(position, text), "n_prompts": len(hits),
-                         "share": len(hits) / N, "median_ratio": float(np.median([r for _, r in hits]))})
-    return pd.DataFrame(rows, columns=["index", "rank", "token", "position", "category", "n_prompts", "share",
-                                       "median_ratio"])
+            text = _text(tokenizer, ids[n][p])
+            groups["\0position0" if p == 0 else text].append((p, float(ratio[n, i]), text))
+        ranked = sorted(groups.values(), key=lambda hits: (-len(hits), -np.median([r for _, r, _ in hits])))
+        for rank, hits in enumerate(ranked[:TOKENS_PER_LAYER], start=1):
+            position = Counter(p for p, _, _ in hits).most_common(1)[0][0]
+            texts = Counter(t for _, _, t in hits)
+            text = texts.most_common(1)[0][0]
+            rows.append({"index": i, "rank": rank, "token": text, "distinct_texts": len(texts),
+                         "position": position, "category": token_category(position, text),
+                         "n_prompts": len(hits), "share": len(hits) / N,
+                         "median_ratio": float(np.median([r for _, r, _ in hits]))})
+    return pd.DataFrame(rows, columns=["index", "rank", "token", "distinct_texts", "position", "category",
+                                       "n_prompts", "share", "median_ratio"])
 
 
 def category_shares(stats: LayerStatistics, i: int) -> dict[str, float]:
@@ -83,7 +89,8 @@ def spike_summary(stats: LayerStatistics, tokens: pd.DataFrame) -> dict:
         "peak_median_ratio": float(med[peak]),
         "found": bool(med[peak] >= MASSIVE_RATIO),
         "shares_at_peak": category_shares(stats, peak),
-        "top_tokens_at_peak": [{k: r[k] for k in ("token", "position", "category", "share", "median_ratio")}
+        "top_tokens_at_peak": [{k: r[k] for k in ("token", "distinct_texts", "position", "category", "share",
+                                                  "median_ratio")}
                                for r in at_peak],
         "at_position0": bool(top is not None and top["category"] == "position0"),
         "per_layer": per_layer,

@@ -77,6 +77,8 @@ def spike_line(summary: dict) -> str:
     if not summary["found"]:
         return f"largest-norm tokens: no massive activation at any position ({where}; top token: {shares})"
     if summary["at_position0"]:
-        return f"massive activation on position 0 ({top['token']!r}) at {where}; top token: {shares}"
+        what = (repr(top["token"]) if top.get("distinct_texts", 1) == 1
+                else f"{top.get('distinct_texts')} different first tokens, e.g. {top['token']!r}")
+        return f"massive activation on position 0 ({what}) at {where}; top token: {shares}"
     return (f"massive activation NOT at position 0: on {top['token']!r} (position {top['position']}, "
             f"{top['category']}, {top['share']:.0%} of prompts) at {where}; top token: {shares}")

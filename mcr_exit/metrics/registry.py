@@ -138,6 +138,22 @@ SUMMARY_METRICS = tuple(REGISTRY["summary"])
 CHECKPOINT_METRICS = tuple(REGISTRY["checkpoint"])
 
 
+# Every per-layer series is logged twice: against the layer index (``hidden/entropy``, step = i) and
+# against relative depth (``depth/hidden/entropy``, step = round(100 i / L)), so that models of
+# different depth overlay on one chart in the MLflow UI.
+DEPTH_PREFIX = "depth"
+
+
+def depth_step(index: int, n_layers: int) -> int:
+    """Relative depth in percent: round(100 * index / L) (hidden index i, or block index j, over L)."""
+    return round(100 * index / n_layers)
+
+
+def depth_key(key: str) -> str:
+    """``hidden/entropy`` -> ``depth/hidden/entropy``."""
+    return f"{DEPTH_PREFIX}/{key}"
+
+
 def metric(kind: str, name: str) -> MetricName:
     """The registered metric; an unregistered name is an error (never dropped without a word)."""
     try:
@@ -159,9 +175,16 @@ def keyed(kind: str, values: dict, scope: str | None = None) -> dict[str, object
 
 
 def describe(kinds: tuple[str, ...] = KINDS) -> dict[str, dict[str, str]]:
-    """MLflow key -> column name, unit, description (logged with every run as ``metrics.json``)."""
-    return {m.key: {"column": m.name, "unit": m.unit, "description": m.description}
-            for kind in kinds for m in REGISTRY[kind].values()}
+    """MLflow key -> column name, unit, description (logged with every run as ``metrics.json``); the
+    per-layer kinds also under their relative-depth key."""
+    out = {}
+    for kind in kinds:
+        for m in REGISTRY[kind].values():
+            out[m.key] = {"column": m.name, "unit": m.unit, "description": m.description}
+            if kind in ("hidden", "attention"):
+                out[depth_key(m.key)] = {"column": m.name, "unit": m.unit,
+                                         "description": f"{m.description}; step = round(100 * layer / L)"}
+    return out
 
 
 def legend(kinds: tuple[str, ...] = KINDS) -> str:
