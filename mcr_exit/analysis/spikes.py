@@ -43,17 +43,20 @@ def spike_tokens_table(stats: LayerStatistics, ids: list[list[int]], tokenizer) 
             p = int(pos[n, i])
             text = _text(tokenizer, ids[n][p])
             groups["\0position0" if p == 0 else text].append((p, float(ratio[n, i]), text))
-        ranked = sorted(groups.values(), key=lambda hits: (-len(hits), -np.median([r for _, r, _ in hits])))
+        # massive ones first (how many prompts have it on top as a massive activation), then how often on top
+        ranked = sorted(groups.values(), key=lambda hits: (-sum(r >= MASSIVE_RATIO for _, r, _ in hits), -len(hits),
+                                                           -np.median([r for _, r, _ in hits])))
         for rank, hits in enumerate(ranked[:TOKENS_PER_LAYER], start=1):
             position = Counter(p for p, _, _ in hits).most_common(1)[0][0]
             texts = Counter(t for _, _, t in hits)
             text = texts.most_common(1)[0][0]
             rows.append({"index": i, "rank": rank, "token": text, "distinct_texts": len(texts),
                          "position": position, "category": token_category(position, text),
-                         "n_prompts": len(hits), "share": len(hits) / N,
+                         "n_prompts": len(hits), "n_massive": sum(r >= MASSIVE_RATIO for _, r, _ in hits),
+                         "share": len(hits) / N,
                          "median_ratio": float(np.median([r for _, r, _ in hits]))})
     return pd.DataFrame(rows, columns=["index", "rank", "token", "distinct_texts", "position", "category",
-                                       "n_prompts", "share", "median_ratio"])
+                                       "n_prompts", "n_massive", "share", "median_ratio"])
 
 
 def category_shares(stats: LayerStatistics, i: int) -> dict[str, float]:
@@ -68,17 +71,22 @@ def category_shares(stats: LayerStatistics, i: int) -> dict[str, float]:
 
 def spike_summary(stats: LayerStatistics, tokens: pd.DataFrame) -> dict:
     """The profile's ``massive_activations``: the rule, the hidden index where the largest-norm token
-    stands out most (median over prompts of its ratio), the category shares and top tokens there, and per
-    hidden index the top token with its share."""
-    med = np.nanmedian(stats.hidden["max_norm_ratio"], axis=0)
-    peak = int(np.nanargmax(med))
+    stands out most (geometric mean over prompts of its ratio), the share of prompts with a massive
+    activation there, the category shares and top tokens there, and per hidden index the top token."""
+    top_ratio = stats.hidden["max_norm_ratio"]
+    with np.errstate(all="ignore"):
+        geo = np.exp(np.nanmean(np.log(np.clip(top_ratio, 1e-12, None)), axis=0))
+        massive = np.nanmean(top_ratio >= MASSIVE_RATIO, axis=0)
+    med = np.nanmedian(top_ratio, axis=0)
+    peak = int(np.nanargmax(geo))
     at_peak = tokens[tokens["index"] == peak].to_dict(orient="records")
     top = at_peak[0] if at_peak else None
     per_layer = []
     for i in range(len(med)):
         first = tokens[(tokens["index"] == i) & (tokens["rank"] == 1)]
         row = first.iloc[0] if len(first) else None
-        per_layer.append({"index": i, "median_max_ratio": float(med[i]), **category_shares(stats, i),
+        per_layer.append({"index": i, "median_max_ratio": float(med[i]), "massive_share": float(massive[i]),
+                          **category_shares(stats, i),
                           "top_token": None if row is None else row["token"],
                           "top_position": None if row is None else int(row["position"]),
                           "top_share": None if row is None else float(row["share"])})
@@ -87,10 +95,11 @@ def spike_summary(stats: LayerStatistics, tokens: pd.DataFrame) -> dict:
                  "massive_when": f"ratio >= {MASSIVE_RATIO:g}"},
         "peak_layer": peak,
         "peak_median_ratio": float(med[peak]),
-        "found": bool(med[peak] >= MASSIVE_RATIO),
+        "massive_share_at_peak": float(massive[peak]),
+        "found": bool(massive[peak] > 0),
         "shares_at_peak": category_shares(stats, peak),
         "top_tokens_at_peak": [{k: r[k] for k in ("token", "distinct_texts", "position", "category", "share",
-                                                  "median_ratio")}
+                                                  "n_massive", "median_ratio")}
                                for r in at_peak],
         "at_position0": bool(top is not None and top["category"] == "position0"),
         "per_layer": per_layer,

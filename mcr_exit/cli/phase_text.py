@@ -71,7 +71,8 @@ def spike_line(summary: dict) -> str:
     """One line for the analysis summary: where the largest-norm token sits, named when not position 0."""
     s, top = summary["shares_at_peak"], (summary["top_tokens_at_peak"] or [None])[0]
     shares = ", ".join(f"{k} {v:.0%}" for k, v in s.items())
-    where = f"hidden {summary['peak_layer']}, median top-token ratio {summary['peak_median_ratio']:.3g}"
+    where = (f"hidden {summary['peak_layer']}, median top-token ratio {summary['peak_median_ratio']:.3g}, "
+             f"massive in {summary.get('massive_share_at_peak', 0):.0%} of prompts")
     if top is None:
         return f"largest-norm tokens: none ({where})"
     if not summary["found"]:
