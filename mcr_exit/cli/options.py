@@ -21,8 +21,10 @@ BOS_HELP = ("What sits at position 0. auto: keep the tokenizer's behaviour; when
             "measure both choices on the model and keep the one whose position 0 carries the massive activation "
             "(docs/metrics.md); force: require a BOS; none: no special tokens (position 0 is the first text token).")
 POOLING_HELP = ("How a hidden state becomes one vector per text. mean_no_first: mean over the real tokens except "
-                "position 0, which carries the massive activation; mean: every real token; last: the last real "
-                "token. (mean_no_bos is the older name of mean_no_first.)")
+                "position 0, which carries the massive activation; mean_no_massive: mean over the real tokens that "
+                "are not massive activations at that layer (norm >= 10 x the median token norm), wherever they "
+                "sit; mean: every real token; last: the last real token. (mean_no_bos is the older name of "
+                "mean_no_first.)")
 MAX_LENGTH_HELP = {
     ANALYSIS_MAX_LENGTH: "Truncate prompts to this many tokens (BOS included); 1024 as in the paper.",
     EMBEDDING_MAX_LENGTH: "Truncate texts to this many tokens (BOS included); 512 for the embedding commands, "
