@@ -11,7 +11,6 @@ PY=${PYTHON:-python3}
 MLFLOW=${MLFLOW:-mlflow}
 CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
 PORT=${PORT:-5077}
-KEY=${KEY:-depth/hidden/entropy_norm}
 ART=$(mktemp -d)
 $MLFLOW server --backend-store-uri "$URI" --artifacts-destination "$ART" --host 127.0.0.1 --port "$PORT" \
   > "$ART/server.log" 2>&1 &
@@ -33,9 +32,20 @@ print(exp.experiment_id, json.dumps(sorted(latest.values())).replace(" ", ""))
 PY
 )
 enc() { $PY -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$1"; }
-URL="http://127.0.0.1:$PORT/#/metric/$(enc "$KEY")?runs=$(enc "$RUNS")&experiments=$(enc "[\"$EXP\"]")"
-URL+="&plot_metric_keys=$(enc "[\"$KEY\"]")&plot_layout=$(enc '{}')&x_axis=step&y_axis_scale=linear&line_smoothness=1&show_point=true"
+KEYS=${KEYS:-[\"depth/hidden/entropy_norm\",\"depth/attention/sink_rate\"]}
+URL="http://127.0.0.1:$PORT/#/metric?runs=$RUNS&metric=$(enc "\"${KEYS_FIRST:-depth/hidden/entropy_norm}\"")"
+URL+="&experiments=[\"$EXP\"]&plot_metric_keys=$(enc "$KEYS")&plot_layout={}&x_axis=step&y_axis_scale=linear"
+URL+="&line_smoothness=1&show_point=true&deselected_curves=[]&last_linear_y_axis_range=[]"
 echo "$URL" >&2
-"$CHROMIUM" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1280,760 \
-  --virtual-time-budget=30000 --screenshot="$PNG" "$URL" 2>/dev/null
+"$CHROMIUM" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1500,760 \
+  --virtual-time-budget=30000 --screenshot="$ART/full.png" "$URL" 2>/dev/null
+# keep the page and its chart; the UI's assistant side panel (right) is cut off, the image made small
+$PY - "$ART/full.png" "$PNG" <<'PY'
+import sys
+from PIL import Image
+im = Image.open(sys.argv[1]).convert("RGB")
+w, h = im.size
+im = im.crop((0, 0, w - 330, h))
+im.quantize(colors=64).save(sys.argv[2], optimize=True)
+PY
 echo "wrote $PNG" >&2

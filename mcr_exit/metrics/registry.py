@@ -174,14 +174,14 @@ def keyed(kind: str, values: dict, scope: str | None = None) -> dict[str, object
     return {mlflow_key(kind, k, scope): v for k, v in values.items()}
 
 
-def describe(kinds: tuple[str, ...] = KINDS) -> dict[str, dict[str, str]]:
-    """MLflow key -> column name, unit, description (logged with every run as ``metrics.json``); the
-    per-layer kinds also under their relative-depth key."""
+def describe(kinds: tuple[str, ...] = KINDS, *, depth: bool = True) -> dict[str, dict[str, str]]:
+    """MLflow key -> column name, unit, description (logged with every run as ``metrics.json``); with
+    ``depth``, the per-layer kinds also under their relative-depth key."""
     out = {}
     for kind in kinds:
         for m in REGISTRY[kind].values():
             out[m.key] = {"column": m.name, "unit": m.unit, "description": m.description}
-            if kind in ("hidden", "attention"):
+            if depth and kind in ("hidden", "attention"):
                 out[depth_key(m.key)] = {"column": m.name, "unit": m.unit,
                                          "description": f"{m.description}; step = round(100 * layer / L)"}
     return out
@@ -190,5 +190,8 @@ def describe(kinds: tuple[str, ...] = KINDS) -> dict[str, dict[str, str]]:
 def legend(kinds: tuple[str, ...] = KINDS) -> str:
     """A Markdown table of the metric keys (the run description in the MLflow UI)."""
     lines = ["| metric | unit | meaning |", "| --- | --- | --- |"]
-    lines += [f"| `{k}` | {v['unit']} | {v['description']} |" for k, v in describe(kinds).items()]
+    lines += [f"| `{k}` | {v['unit']} | {v['description']} |" for k, v in describe(kinds, depth=False).items()]
+    if any(kind in ("hidden", "attention") for kind in kinds):
+        lines.append(f"\nEach `hidden/...` and `attention/...` series is also logged as `{DEPTH_PREFIX}/hidden/...`, "
+                     f"`{DEPTH_PREFIX}/attention/...` with step = round(100 * layer / L) (relative depth, percent).")
     return "\n".join(lines)

@@ -9,8 +9,8 @@ blocks on the model.
 
 from __future__ import annotations
 
-import dataclasses
 import asyncio
+import dataclasses
 import logging
 import threading
 import time

@@ -10,7 +10,7 @@ from mcr_exit.analysis.spikes import spike_summary, spike_tokens_table
 from mcr_exit.cli.phase_text import spike_line
 from mcr_exit.metrics.massive import is_delimiter, token_category, token_norm_ratios, top_tokens
 from mcr_exit.models import from_objects
-from mcr_exit.models.tokens import collate, encode_prompts, resolve_bos
+from mcr_exit.models.tokens import encode_prompts, resolve_bos
 from tests.tiny import build_tiny_model
 
 TEXTS = ["the dog runs. the cat sleeps", "a bee lives in a hive. it makes honey", "rivers flow. seas are deep",
