@@ -37,7 +37,7 @@ URL="http://127.0.0.1:$PORT/#/metric?runs=$RUNS&metric=$(enc "\"${KEYS_FIRST:-de
 URL+="&experiments=[\"$EXP\"]&plot_metric_keys=$(enc "$KEYS")&plot_layout={}&x_axis=step&y_axis_scale=linear"
 URL+="&line_smoothness=1&show_point=true&deselected_curves=[]&last_linear_y_axis_range=[]"
 echo "$URL" >&2
-"$CHROMIUM" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1500,760 \
+"$CHROMIUM" --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1900,980 \
   --virtual-time-budget=30000 --screenshot="$ART/full.png" "$URL" 2>/dev/null
 # keep the page and its chart; the UI's assistant side panel (right) is cut off, the image made small
 $PY - "$ART/full.png" "$PNG" <<'PY'
@@ -45,7 +45,7 @@ import sys
 from PIL import Image
 im = Image.open(sys.argv[1]).convert("RGB")
 w, h = im.size
-im = im.crop((0, 0, w - 330, h))
+im = im.crop((0, 0, w - 490, h))
 im.quantize(colors=64).save(sys.argv[2], optimize=True)
 PY
 echo "wrote $PNG" >&2
