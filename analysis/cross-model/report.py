@@ -157,6 +157,7 @@ def plot_downstream(shorts: list[str], path: Path) -> None:
         L, color, label = prof["n_layers"], COLORS[short], MODELS[short]
         lens = _csv(base / "lens" / "lens.csv")
         if lens is not None:
+            lens = lens[lens["layer"] >= 1]  # hidden 0 (embeddings through the head) is off scale: ~1e42
             axes[0].plot(lens["layer"] / L, lens["perplexity"], color=color, marker=".", label=label)
         lm = _csv(base / "lmeval" / "lmeval.csv")
         if lm is not None:
@@ -169,7 +170,7 @@ def plot_downstream(shorts: list[str], path: Path) -> None:
             mteb = _csv(base / f"mteb-{pooling}" / "mteb.csv")
             if mteb is not None:
                 axes[3].plot(mteb["layer"] / L, mteb["mean_main_score"], color=color, ls=ls, label=f"{label}, {pooling}")
-    titles = ["LogitLens perplexity, WikiText-2", "lm-eval via LogitLens, mean acc (3 tasks)",
+    titles = ["LogitLens perplexity, WikiText-2 (hidden >= 1)", "lm-eval via LogitLens, mean acc (3 tasks)",
               "linear probe, SST-2 test accuracy", "MTEB custom tasks, mean main score"]
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)
