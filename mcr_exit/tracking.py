@@ -138,7 +138,8 @@ class RunLogger:
         """The run's description (shown on its page) and ``metrics.json``: what each metric key means."""
         from mcr_exit.metrics.registry import describe, legend
 
-        self.set_tags({DESCRIPTION_TAG: "Metrics of this run (step = layer index):\n\n" + legend(kinds)})
+        self.set_tags({DESCRIPTION_TAG: "Metrics of this run (step = layer index; under depth/..., "
+                                        "step = round(100 * layer / L)):\n\n" + legend(kinds)})
         self.log_dict(describe(kinds), "metrics.json")
 
     def log_dataset(self, texts: list[str], *, name: str, source: str, digest: str, context: str) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 #   mean_no_first  mean over the real tokens except position 0, which carries the massive activation
 #                  in the middle layers (whether it is a BOS or, with --bos none, the first text token);
 #   mean           mean over every real token, position 0 included;
+#   mean_no_massive mean over the real tokens that are not massive activations at that hidden state
+#                  (norm >= 10 x the row's median token norm, wherever they sit; the rule is stored
+#                  in the phase profile as massive_activations.rule);
 #   last           the last real token.
-POOLINGS = ("mean_no_first", "mean", "last")
+POOLINGS = ("mean_no_first", "mean_no_massive", "mean", "last")
 DEFAULT_POOLING = "mean_no_first"
 # Older name of mean_no_first, still accepted on input; position 0 is not always a BOS (--bos none).
 POOLING_ALIASES = {"mean_no_bos": "mean_no_first"}

@@ -30,6 +30,11 @@ def test_massive_activation_entropy_valley_and_sink_surge_coincide(real_model, t
     assert layers[p.compress_start]["entropy_norm"] < 0.1 < layers[p.compress_start - 1]["entropy_norm"]
     assert layers[p.compress_start]["sink_rate"] > 0.5 > layers[p.compress_start - 1]["sink_rate"]
     assert res.profile["bos"]["token"] == "<|im_start|>"
+    # --bos auto measured both choices: the prepended BOS carries the massive activation, so it stays
+    evidence = res.profile["bos"]["evidence"]
+    assert evidence["peak_ratio_with_bos"] > 50 and evidence["peak_layer_with_bos"] == p.compress_start
+    spikes = res.profile["massive_activations"]
+    assert spikes["at_position0"] and spikes["top_tokens_at_peak"][0]["token"] == "<|im_start|>"
 
 
 def test_cli_with_no_arguments_runs_the_default_model_into_the_default_store(tmp_path, monkeypatch):

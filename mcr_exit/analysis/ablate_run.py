@@ -101,7 +101,8 @@ def ablate(cfg: AblateConfig, *, loaded=None, on_note=None, on_result=None) -> A
     from mcr_exit.data import load_prompts
     from mcr_exit.models import load_model
     from mcr_exit.models.surgery import check_block, parse_blocks
-    from mcr_exit.models.tokens import encode_prompts, resolve_bos
+    from mcr_exit.models.bos_choice import decide_bos
+    from mcr_exit.models.tokens import encode_prompts
     from mcr_exit.tracking import maybe_run, run_name, run_tags
 
     t0 = time.time()
@@ -112,7 +113,7 @@ def ablate(cfg: AblateConfig, *, loaded=None, on_note=None, on_result=None) -> A
         parse_blocks(cfg.layers, loaded.n_layers)  # fail before any run is opened
     if cfg.clip_layer is not None:
         check_block(cfg.clip_layer - 1, loaded.n_layers)
-    bos = resolve_bos(loaded.tokenizer, cfg.bos)
+    bos = decide_bos(loaded, cfg.bos)
     enc = encode_prompts(loaded.tokenizer, prompts.texts, bos, cfg.max_length)
     note = position0_note(loaded.tokenizer, enc.position0)
     if note and on_note:

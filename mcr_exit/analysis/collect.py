@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from mcr_exit.metrics.attention import AttentionStats, summarize_heads
+from mcr_exit.metrics.massive import TOP_TOKENS, is_delimiter, token_norm_ratios, top_tokens
 from mcr_exit.metrics.registry import HEAD_METRICS
 from mcr_exit.metrics.spectral import SpectralStats, finish_spectral, gram_eigenvalues, spectral_terms
 from mcr_exit.metrics.spectral_estimate import estimate_spectrum
@@ -178,7 +179,9 @@ def register_reducer(cls: type[SpectralReducer]) -> type[SpectralReducer]:
 
 @dataclass(kw_only=True)
 class LayerStatistics:
-    """Per-prompt statistics. ``hidden[m]`` is (N, L+1); ``attention[m]`` is (N, L); ``heads[m]`` is (N, L, H)."""
+    """Per-prompt statistics. ``hidden[m]`` is (N, L+1); ``attention[m]`` is (N, L); ``heads[m]`` is (N, L, H);
+    ``tokens["top_position"]`` and ``tokens["top_ratio"]`` are (N, L+1, k): the k largest-norm tokens of
+    each prompt at each hidden index (position, norm / median norm), largest first."""
 
     n_layers: int
     n_heads: int
@@ -187,6 +190,7 @@ class LayerStatistics:
     final_normed: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) each
     attention: dict[str, np.ndarray] = field(default_factory=dict)
     heads: dict[str, np.ndarray] = field(default_factory=dict)
+    tokens: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_prompts(self) -> int:
@@ -231,6 +235,34 @@ class _BatchBuffer:
         self.items.clear()
 
 
+def delimiter_flags(tokenizer, ids: list[list[int]]) -> list[list[bool]]:
+    """Per prompt and position: whether the token is a delimiter (metrics/massive.py), decided once per id.
+    A tokenizer that cannot decode (a stand-in in tests) marks no token as a delimiter."""
+    decode = getattr(tokenizer, "decode", None)
+    if decode is None:
+        return [[False] * len(row) for row in ids]
+    seen: dict[int, bool] = {}
+    out = []
+    for row in ids:
+        for t in row:
+            if t not in seen:
+                seen[t] = is_delimiter(decode([t]))
+        out.append([seen[t] for t in row])
+    return out
+
+
+def _reduce_top_tokens(h: torch.Tensor, lengths: torch.Tensor, delimiters: torch.Tensor):
+    """The largest-norm tokens of one hidden state (B, T, d), reduced at once: (B, k) positions and ratios,
+    and per row the top token's ratio and whether it sits at position 0 or on a delimiter."""
+    ratios = token_norm_ratios(h, lengths)
+    pos, val = top_tokens(ratios, TOP_TOKENS)
+    first = pos[:, 0]
+    at0 = first == 0
+    at_delim = delimiters.to(first.device).gather(1, first[:, None])[:, 0] & ~at0
+    return pos, val, {"max_norm_ratio": val[:, 0], "max_at_position0": at0.float(),
+                      "max_at_delimiter": at_delim.float()}
+
+
 def collect_statistics(
     loaded: LoadedModel,
     ids: list[list[int]],
@@ -256,6 +288,7 @@ def collect_statistics(
     stats = LayerStatistics(n_layers=L, n_heads=n_heads, lengths=np.array([len(x) for x in ids]))
     pad = pad_id_of(loaded.tokenizer)
     device = loaded.input_device
+    delims = delimiter_flags(loaded.tokenizer, ids)
     if spectral_backend not in REDUCERS:
         raise ValueError(f"unknown spectral backend '{spectral_backend}': use {', '.join(REDUCERS)}")
     reducer = REDUCERS[spectral_backend](spectral_backend, spectral_dtype, estimate_options=spectral_options)
@@ -282,13 +315,19 @@ def collect_statistics(
         lengths = mask.sum(1)
         padded = len({len(ids[i]) for i in batch}) > 1  # known on the host, without a device read
         buffer = _BatchBuffer()
+        delim = collate([[int(f) for f in delims[i]] for i in batch], 0)[0].bool()
 
-        def on_hidden(i: int, h: torch.Tensor, buffer: _BatchBuffer = buffer) -> None:
+        def on_hidden(i: int, h: torch.Tensor, buffer: _BatchBuffer = buffer, delim=delim) -> None:
             def store(s: SpectralStats) -> None:
                 for key, val in s.as_dict().items():
                     buffer.add(stats.hidden, key, (N, L + 1), i, val)
 
             reducer.submit(h, lengths, store, padded)
+            pos, val, per_row = _reduce_top_tokens(h, lengths, delim)
+            for key, v in per_row.items():
+                buffer.add(stats.hidden, key, (N, L + 1), i, v)
+            buffer.add(stats.tokens, "top_position", (N, L + 1, pos.shape[1]), i, pos)
+            buffer.add(stats.tokens, "top_ratio", (N, L + 1, pos.shape[1]), i, val)
 
         layers: dict[int, AttentionStats] = {}
         with collect_attention_stats(adapter, lengths, layers.__setitem__, method=attention_method):

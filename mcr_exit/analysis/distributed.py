@@ -29,7 +29,7 @@ def _merge(parts: list[tuple[list[int], LayerStatistics]], n: int) -> LayerStati
         if stats is None:
             continue
         merged.lengths[rows] = stats.lengths
-        for group in ("hidden", "final_normed", "attention", "heads"):
+        for group in ("hidden", "final_normed", "attention", "heads", "tokens"):
             src, dst = getattr(stats, group), getattr(merged, group)
             for key, arr in src.items():
                 if key not in dst:

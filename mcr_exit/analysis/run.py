@@ -22,12 +22,14 @@ from mcr_exit.analysis.collect import SPECTRA_METHODS, capture_head_maps, spectr
 from mcr_exit.analysis.distributed import collect_statistics_distributed, init_from_env, rank
 from mcr_exit.analysis.phases import Phases, detect_phases, recommend_embedding_layer
 from mcr_exit.analysis.profile import build_profile, head_table, layer_table, per_prompt_table
+from mcr_exit.analysis.spikes import spike_summary, spike_tokens_table
 from mcr_exit.data import PromptSet, load_prompts
 from mcr_exit.errors import ConfigError
 from mcr_exit.models import LoadedModel, load_model
 from mcr_exit.models.attention_stats import IMPLEMENTATION
-from mcr_exit.models.tokens import EncodedPrompts, encode_prompts, resolve_bos
-from mcr_exit.phase_profile import portable_data_source, portable_location
+from mcr_exit.models.bos_choice import decide_bos
+from mcr_exit.models.tokens import EncodedPrompts, encode_prompts
+from mcr_exit.phase_profile import clean_json, portable_data_source, portable_location
 from mcr_exit.run_state import preflight
 from mcr_exit.timing import StageTimer, stage
 
@@ -79,6 +81,7 @@ class AnalysisResult:
     output_dir: Path
     run_id: str | None
     seconds: float
+    spike_tokens: pd.DataFrame | None = None  # spike_tokens.csv: the largest-norm tokens per hidden index
 
 
 def default_output_dir(prefix: str, model_name: str) -> Path:
@@ -151,8 +154,10 @@ def measure(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos, en
     }
     final = {k: float(np.nanmean(v)) for k, v in stats.final_normed.items()}
     with stage("phases"):
+        tokens = spike_tokens_table(stats, enc.ids, loaded.tokenizer)
         doc = build_profile(table=table, phases=phases.as_dict(), embedding_layer=emb, embedding_reason=emb_reason,
                             final_normed=final, provenance=provenance)
+        doc["massive_activations"] = clean_json(spike_summary(stats, tokens))
     if on_table is not None and cfg.plots:
         on_table(table, doc["phases"], title)
     with stage("phases"):
@@ -171,6 +176,7 @@ def measure(cfg: AnalyzeConfig, loaded: LoadedModel, prompts: PromptSet, bos, en
         profile=doc, phases=phases, table=table, per_prompt=per_prompt, heads=heads,
         head_maps=maps, head_maps_prompt=example, output_dir=out_dir, run_id=run_id, seconds=time.time() - t0,
         title=title,
+        spike_tokens=tokens,
     )
 
 
@@ -219,7 +225,7 @@ def _run_stages(cfg, loaded, progress_factory, timer: StageTimer, figures, t0: f
             device = init_from_env(cfg.device)
             loaded = load_model(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=device)
     with stage("encode"):
-        bos = resolve_bos(loaded.tokenizer, cfg.bos)
+        bos = decide_bos(loaded, cfg.bos)
         enc = encode_prompts(loaded.tokenizer, prompts.texts, bos, cfg.max_length)
     if rank() != 0:
         # torchrun: other ranks contribute their share of the prompts; rank 0 writes and logs.

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import math
 
-from mcr_exit.metrics.registry import ATTENTION_METRICS, CHECKPOINT_METRICS, HIDDEN_METRICS, keyed
+from mcr_exit.metrics.registry import (
+    ATTENTION_METRICS,
+    CHECKPOINT_METRICS,
+    HIDDEN_METRICS,
+    depth_key,
+    depth_step,
+    keyed,
+)
 
 # One value per ablation variant (child runs); the parent logs the baseline and ablated pairs.
 VARIANT_SUMMARY = ("bos_norm_at_spike", "norm_ratio_at_spike", "entropy_at_spike", "peak_norm_ratio",
@@ -25,12 +32,17 @@ def _number(v) -> float | None:
 
 
 def layer_series(table) -> list[tuple[int, dict[str, float]]]:
-    """Per-layer step series (step = hidden index for hidden/..., block index for attention/...)."""
+    """Per-layer step series (step = hidden index for hidden/..., block index for attention/...), and the
+    same values under ``depth/...`` with step = round(100 * index / L), so models of different depth
+    overlay in the MLflow UI."""
+    L = int(table["index"].max())
     rows = []
     for row in table.to_dict(orient="records"):
         values = keyed("hidden", {k: row[k] for k in HIDDEN_METRICS})
         values.update(keyed("attention", {k: row[k] for k in ATTENTION_METRICS}))
-        rows.append((int(row["index"]), values))
+        i = int(row["index"])
+        rows.append((i, values))
+        rows.append((depth_step(i, L), {depth_key(k): v for k, v in values.items()}))
     return rows
 
 

@@ -23,6 +23,8 @@ def write_analysis(result, out_dir: Path, *, figures=None) -> Path:
             result.table.to_csv(staging / "layers.csv", index=False)
             result.per_prompt.to_csv(staging / "per_prompt.csv.gz", index=False)
             result.heads.to_csv(staging / "per_head.csv", index=False)
+            if result.spike_tokens is not None:
+                result.spike_tokens.to_csv(staging / "spike_tokens.csv", index=False)
         with stage("figures"):  # with a worker: only what is left of its drawing when the tables are done
             if figures is not None:
                 for name, png in figures.collect().items():

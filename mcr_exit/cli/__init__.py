@@ -27,6 +27,7 @@ COMMANDS = (
     ("mcr_exit.cli.compare", "compare_command"),
     ("mcr_exit.cli.compare", "sweep_command"),
     ("mcr_exit.cli.runs", "runs_command"),
+    ("mcr_exit.cli.models", "models_command"),
 )
 
 

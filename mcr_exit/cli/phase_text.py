@@ -55,6 +55,8 @@ def phase_summary(result) -> str:
             f"  peak norm ratio {pos0} / other tokens {p.peak_norm_ratio:.1f}, min entropy {p.min_entropy:.3f} "
             f"nats; compression carried by {p.carrier} (c/(c+alpha) = {p.carrier_norm_share:.3f})",
         ]
+    if doc.get("massive_activations"):
+        lines.append(f"  {spike_line(doc['massive_activations'])}")
     lines += [
         f"  corr(d position-0 norm, d entropy) = {p.corr_bos_entropy:+.2f}; "
         f"corr(d position-0 norm, d sink rate next block) = {p.corr_bos_sink_lag1:+.2f}",
@@ -63,3 +65,21 @@ def phase_summary(result) -> str:
         f"  took {result.seconds:.1f} s",
     ]
     return "\n".join(lines)
+
+
+def spike_line(summary: dict) -> str:
+    """One line for the analysis summary: where the largest-norm token sits, named when not position 0."""
+    s, top = summary["shares_at_peak"], (summary["top_tokens_at_peak"] or [None])[0]
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in s.items())
+    where = (f"hidden {summary['peak_layer']}, median top-token ratio {summary['peak_median_ratio']:.3g}, "
+             f"massive in {summary.get('massive_share_at_peak', 0):.0%} of prompts")
+    if top is None:
+        return f"largest-norm tokens: none ({where})"
+    if not summary["found"]:
+        return f"largest-norm tokens: no massive activation at any position ({where}; top token: {shares})"
+    if summary["at_position0"]:
+        what = (repr(top["token"]) if top.get("distinct_texts", 1) == 1
+                else f"{top.get('distinct_texts')} different first tokens, e.g. {top['token']!r}")
+        return f"massive activation on position 0 ({what}) at {where}; top token: {shares}"
+    return (f"massive activation NOT at position 0: on {top['token']!r} (position {top['position']}, "
+            f"{top['category']}, {top['share']:.0%} of prompts) at {where}; top token: {shares}")

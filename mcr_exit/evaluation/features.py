@@ -20,7 +20,8 @@ import torch
 from mcr_exit.errors import ConfigError
 from mcr_exit.metrics.pooling import POOLINGS, canonical_pooling, pool_hidden  # noqa: F401  (re-exported)
 from mcr_exit.models.forward import run_blocks
-from mcr_exit.models.tokens import collate, encode_prompts, length_batches, pad_id_of, resolve_bos
+from mcr_exit.models.bos_choice import decide_bos
+from mcr_exit.models.tokens import collate, encode_prompts, length_batches, pad_id_of
 from mcr_exit.vocabulary import DEFAULT_POOLING, EMBEDDING_MAX_LENGTH
 
 
@@ -56,7 +57,7 @@ def layer_features(
     pooling = canonical_pooling(pooling)
     adapter = loaded.adapter
     wanted = check_layers(layers, adapter.n_layers)
-    enc = encode_prompts(loaded.tokenizer, texts, resolve_bos(loaded.tokenizer, bos), max_length)
+    enc = encode_prompts(loaded.tokenizer, texts, decide_bos(loaded, bos), max_length)
     pad, device = pad_id_of(loaded.tokenizer), adapter.embed.weight.device
     out = None
     index = {k: j for j, k in enumerate(wanted)}

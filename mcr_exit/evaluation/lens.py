@@ -14,7 +14,8 @@ import torch
 
 from mcr_exit.errors import ConfigError, DataError
 from mcr_exit.models.forward import run_blocks
-from mcr_exit.models.tokens import collate, pad_id_of, resolve_bos
+from mcr_exit.models.bos_choice import decide_bos
+from mcr_exit.models.tokens import collate, pad_id_of
 
 
 def lens_logits(adapter, hidden: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ def logit_lens(
 
     adapter = loaded.adapter
     wanted = check_layers(layers, adapter.n_layers)
-    decision = resolve_bos(loaded.tokenizer, bos)
+    decision = decide_bos(loaded, bos)
     windows = make_windows(corpus_token_ids(loaded.tokenizer, texts), window, max_windows, decision.token_id)
     first_target = 1  # position 0 (BOS or first token) is never a target
     sums = {k: [0.0, 0.0] for k in wanted}

@@ -82,7 +82,7 @@ def _build_lens_class():
         def __init__(self, pretrained=None, *, layer=None, model=None, loaded=None, revision=None, dtype="auto",
                      device="cpu", bos="auto", batch_size=1, max_length=None, **kwargs):
             from mcr_exit.models.loading import load_model
-            from mcr_exit.models.tokens import resolve_bos
+            from mcr_exit.models.bos_choice import decide_bos
 
             if loaded is None:
                 src = model or (pretrained if isinstance(pretrained, str) and pretrained else None)
@@ -93,7 +93,7 @@ def _build_lens_class():
             self.layer = L if layer in (None, "") else int(layer)
             if not 0 <= self.layer <= L:
                 raise ConfigError(f"layer {self.layer} is out of range: this model has hidden states 0..{L}")
-            self._bos = resolve_bos(loaded.tokenizer, bos)
+            self._bos = decide_bos(loaded, bos)
             super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, backend="causal",
                              batch_size=int(batch_size), max_length=max_length,
                              device=str(loaded.input_device), **kwargs)

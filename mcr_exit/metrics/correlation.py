@@ -43,3 +43,25 @@ def fisher_z_mean(rs: Sequence[float]) -> tuple[float, float]:
         return float("nan"), float("nan")
     z = np.arctanh(np.clip(vals, -0.999999, 0.999999))
     return float(np.tanh(z.mean())), float(vals.std())
+
+
+def fisher_z_interval(r: float, n: int, z_crit: float = 1.959964) -> tuple[float, float]:
+    """The usual 95 % interval of one Pearson r from n pairs: tanh(atanh(r) -+ z_crit / sqrt(n - 3)).
+    NaNs when n <= 3 or r is not finite. (Layer-to-layer changes are not independent draws: read it as a
+    rough guide, as the paper's +- across models is.)"""
+    if n <= 3 or r is None or not math.isfinite(r):
+        return float("nan"), float("nan")
+    z, half = math.atanh(max(-0.999999, min(0.999999, r))), z_crit / math.sqrt(n - 3)
+    return math.tanh(z - half), math.tanh(z + half)
+
+
+def fisher_z_pooled(rs: Sequence[float], ns: Sequence[int], z_crit: float = 1.959964) -> tuple[float, float, float]:
+    """Correlations of several models pooled by Fisher z, each weighted by n - 3 (its inverse variance):
+    (pooled r, lower, upper) of the 95 % interval tanh(z_bar -+ z_crit / sqrt(sum(n - 3)))."""
+    pairs = [(r, n) for r, n in zip(rs, ns) if r is not None and math.isfinite(r) and n > 3]
+    if not pairs:
+        return float("nan"), float("nan"), float("nan")
+    w = np.array([n - 3 for _, n in pairs], dtype=float)
+    z = np.arctanh(np.clip([r for r, _ in pairs], -0.999999, 0.999999))
+    zbar, half = float((w * z).sum() / w.sum()), z_crit / math.sqrt(w.sum())
+    return math.tanh(zbar), math.tanh(zbar - half), math.tanh(zbar + half)

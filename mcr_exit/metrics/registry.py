@@ -69,6 +69,9 @@ _HIDDEN = [
     ("anisotropy_bound_weak", "fraction", "weak bound c / (c + 1) on anisotropy"),
     ("entropy_bound", "nats", "Corollary 2.3 upper bound -p log p - (1-p) log(1-p) + (1-p) log(r-1) on entropy"),
     ("entropy_bound_weak", "nats", "the entropy bound with p = c / (c + 1)"),
+    ("max_norm_ratio", "ratio", "largest token norm / median token norm, at any position (metrics/massive.py)"),
+    ("max_at_position0", "fraction", "share of prompts whose largest-norm token is position 0"),
+    ("max_at_delimiter", "fraction", "share of prompts whose largest-norm token is a delimiter (not position 0)"),
 ]
 _ATTENTION = [
     ("sink_rate", "fraction", "share of heads whose sink score is >= tau"),
@@ -135,6 +138,22 @@ SUMMARY_METRICS = tuple(REGISTRY["summary"])
 CHECKPOINT_METRICS = tuple(REGISTRY["checkpoint"])
 
 
+# Every per-layer series is logged twice: against the layer index (``hidden/entropy``, step = i) and
+# against relative depth (``depth/hidden/entropy``, step = round(100 i / L)), so that models of
+# different depth overlay on one chart in the MLflow UI.
+DEPTH_PREFIX = "depth"
+
+
+def depth_step(index: int, n_layers: int) -> int:
+    """Relative depth in percent: round(100 * index / L) (hidden index i, or block index j, over L)."""
+    return round(100 * index / n_layers)
+
+
+def depth_key(key: str) -> str:
+    """``hidden/entropy`` -> ``depth/hidden/entropy``."""
+    return f"{DEPTH_PREFIX}/{key}"
+
+
 def metric(kind: str, name: str) -> MetricName:
     """The registered metric; an unregistered name is an error (never dropped without a word)."""
     try:
@@ -155,14 +174,24 @@ def keyed(kind: str, values: dict, scope: str | None = None) -> dict[str, object
     return {mlflow_key(kind, k, scope): v for k, v in values.items()}
 
 
-def describe(kinds: tuple[str, ...] = KINDS) -> dict[str, dict[str, str]]:
-    """MLflow key -> column name, unit, description (logged with every run as ``metrics.json``)."""
-    return {m.key: {"column": m.name, "unit": m.unit, "description": m.description}
-            for kind in kinds for m in REGISTRY[kind].values()}
+def describe(kinds: tuple[str, ...] = KINDS, *, depth: bool = True) -> dict[str, dict[str, str]]:
+    """MLflow key -> column name, unit, description (logged with every run as ``metrics.json``); with
+    ``depth``, the per-layer kinds also under their relative-depth key."""
+    out = {}
+    for kind in kinds:
+        for m in REGISTRY[kind].values():
+            out[m.key] = {"column": m.name, "unit": m.unit, "description": m.description}
+            if depth and kind in ("hidden", "attention"):
+                out[depth_key(m.key)] = {"column": m.name, "unit": m.unit,
+                                         "description": f"{m.description}; step = round(100 * layer / L)"}
+    return out
 
 
 def legend(kinds: tuple[str, ...] = KINDS) -> str:
     """A Markdown table of the metric keys (the run description in the MLflow UI)."""
     lines = ["| metric | unit | meaning |", "| --- | --- | --- |"]
-    lines += [f"| `{k}` | {v['unit']} | {v['description']} |" for k, v in describe(kinds).items()]
+    lines += [f"| `{k}` | {v['unit']} | {v['description']} |" for k, v in describe(kinds, depth=False).items()]
+    if any(kind in ("hidden", "attention") for kind in kinds):
+        lines.append(f"\nEach `hidden/...` and `attention/...` series is also logged as `{DEPTH_PREFIX}/hidden/...`, "
+                     f"`{DEPTH_PREFIX}/attention/...` with step = round(100 * layer / L) (relative depth, percent).")
     return "\n".join(lines)

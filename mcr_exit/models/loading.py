@@ -109,6 +109,9 @@ def load_model(
 ) -> LoadedModel:
     """Load model and tokenizer; ``model=None`` is the built-in SmolLM2-135M-Instruct GGUF. A GGUF file is
     converted once and read back from the convert cache afterwards (``convert_cache``, docs/performance.md)."""
+    from mcr_exit.models.registry import resolve_model_name
+
+    model = resolve_model_name(model)  # a short name (`mcr-exit models`) -> its GGUF file, assembled once
     with stage("load_model.imports"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging

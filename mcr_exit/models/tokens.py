@@ -26,6 +26,7 @@ class BosDecision:
     prepend: bool  # whether this package prepends it (the tokenizer does not)
     special_tokens: bool  # add_special_tokens passed to the tokenizer
     reason: str
+    evidence: dict | None = None  # --bos auto measured on the model: both choices' peaks (models/bos_choice.py)
 
 
 def resolve_bos(tokenizer, policy: str = "auto") -> BosDecision:

@@ -10,6 +10,7 @@ blocks on the model.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 
 from mcr_exit.errors import ConfigError
+from mcr_exit.metrics.massive import MASSIVE_RATIO
 from mcr_exit.metrics.pooling import DEFAULT_POOLING, POOLING_ALIASES, POOLINGS
 from mcr_exit.models import LoadedModel
-from mcr_exit.models.tokens import pad_id_of, resolve_bos
+from mcr_exit.models.bos_choice import decide_bos
+from mcr_exit.models.tokens import pad_id_of
 from mcr_exit.serving.errors import EngineNotReady, InvalidRequest, RequestTimeout
 from mcr_exit.serving.inputs import InputEncoding
 from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput, GenerationRequest
@@ -57,6 +60,7 @@ class EngineConfig:
     embed_batch_wait_s: float = 0.01  # while sequences generate, a non-full embedding batch waits this long
     pooling: str = DEFAULT_POOLING
     normalize: bool = True
+    massive_ratio: float = MASSIVE_RATIO  # mean_no_massive's rule; the profile's massive_activations.rule wins
     warmup: bool = True  # warm forwards, and CUDA graphs of the decode steps on a GPU
     cuda_graphs: bool = True
     compile: bool = True  # on a GPU, compile the blocks of the captured decode steps (torch.compile)
@@ -139,6 +143,9 @@ class Engine(InputEncoding):
                  metrics: Metrics | None = None):
         self.loaded, self.profile = loaded, profile
         self.config = config or EngineConfig()
+        rule = ((profile.doc.get("massive_activations") or {}).get("rule") or {}) if profile else {}
+        if rule.get("threshold"):
+            self.config = dataclasses.replace(self.config, massive_ratio=float(rule["threshold"]))
         self.metrics = metrics or Metrics()
         L = loaded.n_layers
         k = embedding_layer if embedding_layer is not None else (profile.embedding_layer if profile else L)
@@ -148,7 +155,7 @@ class Engine(InputEncoding):
         if k > self.max_layer:
             raise ConfigError(f"--max-layer {self.max_layer} is below the embedding layer {k}")
         self.embedding_layer = k
-        self.bos = resolve_bos(loaded.tokenizer, "auto")
+        self.bos = decide_bos(loaded, "auto")
         self.pad_id = pad_id_of(loaded.tokenizer)
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
         self.hidden_size = int(loaded.adapter.embed.weight.shape[1])

@@ -261,7 +261,8 @@ class Scheduler:
         try:
             ids, mask = collate([job.ids[i] for job, i in batch], self.pad_id, self.stepper.device)
             hidden = hidden_at(self.stepper.adapter, ids, mask, layer)  # blocks layer+1.. never run
-            pooled = {key: pool_hidden(hidden, mask, key[0], normalize=key[1])
+            pooled = {key: pool_hidden(hidden, mask, key[0], normalize=key[1],
+                                 massive_ratio=self.config.massive_ratio)
                       for key in {(job.pooling, job.normalize) for job, _ in batch}}
             done = _EmbedBatch(batch, layer, queued, int(mask.sum()))
             if self.stepper.device.type == "cuda":

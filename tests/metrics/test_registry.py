@@ -12,11 +12,13 @@ import torch
 
 from mcr_exit.metrics import registry
 from mcr_exit.metrics.attention import AttentionStats, summarize_heads
+from mcr_exit.metrics.massive import TOP_TOKEN_STATISTICS
 from mcr_exit.metrics.spectral import SpectralStats
 
 
-def test_hidden_names_are_the_spectral_statistics():
-    assert set(registry.HIDDEN_METRICS) == {f.name for f in dataclasses.fields(SpectralStats)}
+def test_hidden_names_are_the_spectral_and_top_token_statistics():
+    spectral = {f.name for f in dataclasses.fields(SpectralStats)}
+    assert set(registry.HIDDEN_METRICS) == spectral | set(TOP_TOKEN_STATISTICS)
 
 
 def test_attention_and_head_names_are_the_attention_statistics():

@@ -56,7 +56,7 @@ def test_layer_zero_runs_no_block_and_full_depth_runs_all(tiny4):
     assert counts == [1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("pooling", ["mean_no_first", "mean", "last"])
+@pytest.mark.parametrize("pooling", ["mean_no_first", "mean_no_massive", "mean", "last"])
 def test_equal_to_hidden_at_for_every_family(tiny_models, tokenizer, family, pooling):
     loaded = from_objects(tiny_models[family], tokenizer, name=f"tiny-{family}")
     k = loaded.n_layers - 1
@@ -82,3 +82,27 @@ def test_mean_pool_skips_position_zero():
     torch.testing.assert_close(single, torch.tensor([[1000.0, 1000.0]]))  # one token: keep it
     last = pool_hidden(h, mask, "last", normalize=True)
     torch.testing.assert_close(last.norm(dim=1), torch.ones(2))
+
+
+def test_the_profile_s_massive_activation_rule_reaches_the_pooling(tiny4, tmp_path):
+    """mean_no_massive uses the rule stored in the profile (massive_activations.rule), not a constant."""
+    import json
+
+    from mcr_exit.serving.profile_source import load_profile_source
+    from tests.serving.conftest import make_profile
+
+    path = make_profile(tmp_path / "p.json", name="tiny", model_type="llama", n_layers=4, hidden_size=64, k=2)
+    doc = json.loads(path.read_text())
+    doc["massive_activations"] = {"rule": {"threshold": 1.05}}
+    path.write_text(json.dumps(doc))
+    engine = Engine(tiny4, load_profile_source(str(path)), EngineConfig(warmup=False))
+    assert engine.config.massive_ratio == 1.05
+    texts = ["The quick brown fox jumps over the lazy dog.", "3 + 5 = 8"]
+    got = asyncio.run(_embed(engine, texts, pooling="mean_no_massive")).vectors
+    for text, vec in zip(texts, got):
+        ids, mask = collate(engine.encode_texts([text]), engine.pad_id)
+        h = hidden_at(tiny4.adapter, ids, mask, 2)
+        strict = pool_hidden(h, mask, "mean_no_massive", normalize=True, massive_ratio=1.05)[0]
+        default = pool_hidden(h, mask, "mean_no_massive", normalize=True)[0]
+        torch.testing.assert_close(torch.from_numpy(vec), strict, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(strict, default, atol=1e-4)  # the strict rule left tokens out
