@@ -54,10 +54,15 @@ def _httptools_class():
     class DeadlineHttpToolsProtocol(_ReadDeadline, HttpToolsProtocol):
         _head_bytes = 0
         _in_head = True
+        _tail = b""  # the last bytes of the head so far: its end (CRLF CRLF) may straddle two reads
 
         def data_received(self, data: bytes) -> None:
             if self._in_head:
-                self._head_bytes += len(data)
+                # only the head counts: a slow server reads the head and a large body in one piece
+                seen = self._tail + data
+                end = seen.find(b"\r\n\r\n")
+                self._head_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._tail))
+                self._tail = seen[-3:]
                 if self._head_bytes > MAX_HEAD_BYTES:
                     self.send_400_response("Request headers too large.")
                     return
@@ -73,7 +78,7 @@ def _httptools_class():
 
         def on_message_complete(self) -> None:
             self._disarm()
-            self._in_head, self._head_bytes = True, 0  # what comes next is the next request's head
+            self._in_head, self._head_bytes, self._tail = True, 0, b""  # next: the next request's head
             super().on_message_complete()
 
     return DeadlineHttpToolsProtocol

@@ -3,6 +3,7 @@ either of uvicorn's HTTP parsers; a slow *response* is not cut by it."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -104,3 +105,17 @@ def test_oversized_headers_are_refused(slow_server):
         else:
             elapsed, got = _closed_after(s, 6 * READ_TIMEOUT)
             assert elapsed < 4 * READ_TIMEOUT and not got.startswith(b"HTTP/1.1 200"), got[:80]
+
+
+def test_a_large_body_read_with_its_head_is_not_a_large_head(slow_server):
+    """Small headers and a 200 kB body sent at once (one read for the server): the head cap does not count
+    the body, so the request reaches the app (which answers it: the input is too long), not the head cap."""
+    _, addr, _ = slow_server
+    body = json.dumps({"input": "word " * 40_000}).encode()
+    assert len(body) > 2 * 64 * 1024
+    with socket.create_connection(addr, timeout=10) as s:
+        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        s.settimeout(30)
+        got = s.recv(65536)
+    assert b"headers too large" not in got and b"invalid_request_error" in got, got[:300]
