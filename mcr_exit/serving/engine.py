@@ -304,8 +304,8 @@ class Engine(InputEncoding):
             raise EngineNotReady("the engine is warming up" if not self.scheduler.stopping
                                  else "the server is shutting down")
 
-    async def embed(self, ids: list[list[int]], *, layer: int | None = None, pooling: str | None = None,
-                    normalize: bool | None = None) -> EmbeddingResult:
+    def check_embedding(self, ids: list[list[int]], layer: int | None, pooling: str | None) -> tuple[int, str, int]:
+        """(layer, pooling, input tokens) of an embedding request, or InvalidRequest."""
         layer = self.embedding_layer if layer is None else layer
         if not 0 <= layer <= self.max_layer:
             raise InvalidRequest(f"layer {layer} is out of range: this server allows hidden 0..{self.max_layer}",
@@ -318,6 +318,11 @@ class Engine(InputEncoding):
             raise InvalidRequest(f"the inputs hold {n_tokens} tokens, more than this server's limit of "
                                  f"{self.config.max_request_tokens} per request; send fewer or shorter inputs",
                                  param="input", code="request_too_large")
+        return layer, pooling, n_tokens
+
+    async def embed(self, ids: list[list[int]], *, layer: int | None = None, pooling: str | None = None,
+                    normalize: bool | None = None) -> EmbeddingResult:
+        layer, pooling, n_tokens = self.check_embedding(ids, layer, pooling)
         self._require_ready()
         job = EmbedJob(ids=ids, layer=layer, pooling=pooling,
                        normalize=self.config.normalize if normalize is None else normalize,

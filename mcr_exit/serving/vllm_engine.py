@@ -26,10 +26,9 @@ from itertools import count
 import numpy as np
 
 from mcr_exit.errors import ConfigError
-from mcr_exit.metrics.pooling import POOLING_ALIASES, POOLINGS
 from mcr_exit.models.tokens import pad_id_of, resolve_bos
 from mcr_exit.serving.engine import Engine, EmbeddingResult, EngineConfig
-from mcr_exit.serving.errors import EngineNotReady, InvalidRequest, Overloaded, RequestTimeout
+from mcr_exit.serving.errors import EngineNotReady, Overloaded, RequestTimeout
 from mcr_exit.serving.inputs import InputEncoding
 from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput, GenerationRequest
 from mcr_exit.serving.metrics import Metrics
@@ -81,6 +80,7 @@ class VllmEngine(InputEncoding):
     # The request checks and the event reading of the built-in engine: they use only ``config``,
     # ``context_len`` and the handles, so both engines answer the same requests the same way.
     check_generation = Engine.check_generation
+    check_embedding = Engine.check_embedding
     events = Engine.events
     wait = Engine.wait
     generate = Engine.generate
@@ -233,18 +233,7 @@ class VllmEngine(InputEncoding):
     # ---- embeddings ------------------------------------------------------------------------
     async def embed(self, ids: list[list[int]], *, layer: int | None = None, pooling: str | None = None,
                     normalize: bool | None = None) -> EmbeddingResult:
-        layer = self.embedding_layer if layer is None else layer
-        if not 0 <= layer <= self.max_layer:
-            raise InvalidRequest(f"layer {layer} is out of range: this server allows hidden 0..{self.max_layer}",
-                                 param="layer")
-        pooling = POOLING_ALIASES.get(pooling or self.config.pooling, pooling or self.config.pooling)
-        if pooling not in POOLINGS:
-            raise InvalidRequest(f"pooling must be one of {', '.join(POOLINGS)}", param="pooling")
-        n_tokens = sum(len(x) for x in ids)
-        if n_tokens > self.config.max_request_tokens:
-            raise InvalidRequest(f"the inputs hold {n_tokens} tokens, more than this server's limit of "
-                                 f"{self.config.max_request_tokens} per request; send fewer or shorter inputs",
-                                 param="input", code="request_too_large")
+        layer, pooling, n_tokens = self.check_embedding(ids, layer, pooling)
         self._require_ready()
         vectors = await self._embed_now(ids, layer, pooling, normalize)
         return EmbeddingResult(vectors=vectors, layer=layer, prompt_tokens=n_tokens)
