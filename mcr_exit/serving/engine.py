@@ -135,6 +135,19 @@ def _coalesce(first: tuple, queue: asyncio.Queue) -> list[tuple]:
     return out
 
 
+def served_layers(n_layers: int, config: EngineConfig, profile, embedding_layer: int | None) -> tuple[int, int]:
+    """(embedding layer k, highest layer a request may ask for): k from the argument, else the profile,
+    else the last hidden index; both within hidden 0..L and k <= the maximum."""
+    L = n_layers
+    k = embedding_layer if embedding_layer is not None else (profile.embedding_layer if profile else L)
+    top = L if config.max_layer is None else config.max_layer
+    if not 0 <= k <= L or not 0 <= top <= L:
+        raise ConfigError(f"embedding layer {k} / max layer {top} outside hidden 0..{L}")
+    if k > top:
+        raise ConfigError(f"--max-layer {top} is below the embedding layer {k}")
+    return k, top
+
+
 class Engine(InputEncoding):
     generation_engine = "mcr-exit"  # reported by /v1/models
 
@@ -147,14 +160,7 @@ class Engine(InputEncoding):
         if rule.get("threshold"):
             self.config = dataclasses.replace(self.config, massive_ratio=float(rule["threshold"]))
         self.metrics = metrics or Metrics()
-        L = loaded.n_layers
-        k = embedding_layer if embedding_layer is not None else (profile.embedding_layer if profile else L)
-        self.max_layer = L if self.config.max_layer is None else self.config.max_layer
-        if not 0 <= k <= L or not 0 <= self.max_layer <= L:
-            raise ConfigError(f"embedding layer {k} / max layer {self.max_layer} outside hidden 0..{L}")
-        if k > self.max_layer:
-            raise ConfigError(f"--max-layer {self.max_layer} is below the embedding layer {k}")
-        self.embedding_layer = k
+        self.embedding_layer, self.max_layer = served_layers(loaded.n_layers, self.config, profile, embedding_layer)
         self.bos = decide_bos(loaded, "auto")
         self.pad_id = pad_id_of(loaded.tokenizer)
         self.vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)

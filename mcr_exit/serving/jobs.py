@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+from mcr_exit.serving.errors import RequestTimeout
 
 
 @dataclass(kw_only=True)
@@ -86,3 +89,30 @@ class EmbedJob:
     @property
     def n_tokens(self) -> int:
         return sum(len(x) for x in self.ids)
+
+
+def take_embed_batch(pieces: deque, *, max_batch_size: int, max_batch_tokens: int
+                     ) -> tuple[list[tuple[EmbedJob, int]], deque, int]:
+    """One batch of waiting embedding inputs ``(job, index)``: one layer, in arrival order, within the row
+    and padded-token budgets. Inputs of jobs cancelled, done or past their deadline are dropped (a job past
+    its deadline gets RequestTimeout). Returns (batch, the inputs left waiting, tokens dropped)."""
+    batch, kept, longest, layer, dropped, now = [], deque(), 0, None, 0, time.monotonic()
+    while pieces:
+        job, i = pieces.popleft()
+        n = len(job.ids[i])
+        if job.cancelled.is_set() or job.future.done() or now > job.deadline:
+            dropped += n
+            if not job.future.done():
+                job.future.set_exception(RequestTimeout("the embedding request timed out in the queue"))
+            continue
+        fits = (layer in (None, job.layer) and len(batch) < max_batch_size
+                and max(longest, n) * (len(batch) + 1) <= max_batch_tokens)
+        if fits or not batch:
+            batch.append((job, i))
+            layer, longest = job.layer, max(longest, n)
+        else:
+            kept.append((job, i))
+            if len(batch) >= max_batch_size:
+                break
+    kept.extend(pieces)
+    return batch, kept, dropped

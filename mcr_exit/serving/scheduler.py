@@ -29,8 +29,8 @@ from mcr_exit.metrics.pooling import pool_hidden
 from mcr_exit.models.forward import hidden_at
 from mcr_exit.models.tokens import collate
 from mcr_exit.serving.detokenize import TextTracker
-from mcr_exit.serving.errors import EngineNotReady, Overloaded, RequestTimeout
-from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput
+from mcr_exit.serving.errors import EngineNotReady, Overloaded
+from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput, take_embed_batch
 from mcr_exit.serving.sampling import HostCopy, make_generator, sample_tokens
 
 log = logging.getLogger("mcr_exit.serving")
@@ -225,27 +225,9 @@ class Scheduler:
 
     # ---- embeddings ---------------------------------------------------------------------------
     def _take_embed_batch(self) -> list[tuple[EmbedJob, int]]:
-        """Inputs of one layer, in arrival order, within the batch's token and row budgets."""
-        batch, kept, longest, layer, now = [], deque(), 0, None, time.monotonic()
-        while self.pieces:
-            job, i = self.pieces.popleft()
-            if job.cancelled.is_set() or job.future.done() or now > job.deadline:
-                self.queued_tokens -= len(job.ids[i])
-                if not job.future.done():
-                    job.future.set_exception(RequestTimeout("the embedding request timed out in the queue"))
-                continue
-            n = len(job.ids[i])
-            fits = (layer in (None, job.layer) and len(batch) < self.config.max_batch_size
-                    and max(longest, n) * (len(batch) + 1) <= self.config.max_batch_tokens)
-            if fits or not batch and layer is None:
-                batch.append((job, i))
-                layer, longest = job.layer, max(longest, n)
-            else:
-                kept.append((job, i))
-                if len(batch) >= self.config.max_batch_size:
-                    break
-        kept.extend(self.pieces)
-        self.pieces = kept
+        batch, self.pieces, dropped = take_embed_batch(self.pieces, max_batch_size=self.config.max_batch_size,
+                                                       max_batch_tokens=self.config.max_batch_tokens)
+        self.queued_tokens -= dropped
         self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
         return batch
 

@@ -27,10 +27,10 @@ import numpy as np
 
 from mcr_exit.errors import ConfigError
 from mcr_exit.models.tokens import pad_id_of, resolve_bos
-from mcr_exit.serving.engine import Engine, EmbeddingResult, EngineConfig
+from mcr_exit.serving.engine import Engine, EmbeddingResult, EngineConfig, served_layers
 from mcr_exit.serving.errors import EngineNotReady, Overloaded, RequestTimeout
 from mcr_exit.serving.inputs import InputEncoding
-from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput, GenerationRequest
+from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput, GenerationRequest, take_embed_batch
 from mcr_exit.serving.metrics import Metrics
 
 log = logging.getLogger("mcr_exit.serving")
@@ -94,15 +94,8 @@ class VllmEngine(InputEncoding):
         self.profile = profile
         self.config = config or EngineConfig()
         self.metrics = metrics or Metrics()
-        L = n_layers
-        self._n_layers = L
-        k = embedding_layer if embedding_layer is not None else (profile.embedding_layer if profile else L)
-        self.max_layer = L if self.config.max_layer is None else self.config.max_layer
-        if not 0 <= k <= L or not 0 <= self.max_layer <= L:
-            raise ConfigError(f"embedding layer {k} / max layer {self.max_layer} outside hidden 0..{L}")
-        if k > self.max_layer:
-            raise ConfigError(f"--max-layer {self.max_layer} is below the embedding layer {k}")
-        self.embedding_layer = k
+        self._n_layers = n_layers
+        self.embedding_layer, self.max_layer = served_layers(n_layers, self.config, profile, embedding_layer)
         self.bos = resolve_bos(tokenizer, "auto")
         self.pad_id = pad_id_of(tokenizer)
         self.vocab_size = vocab_size
@@ -122,8 +115,8 @@ class VllmEngine(InputEncoding):
         self._pieces: deque[tuple[EmbedJob, int]] = deque()
         self.queued_tokens = 0
         self._wakeup: asyncio.Event | None = None
-        self.block_calls = [0] * L  # embedding calls of each block inside vLLM's worker, from the worker
-        for b in range(L):
+        self.block_calls = [0] * n_layers  # embedding calls of each block inside vLLM's worker, from the worker
+        for b in range(n_layers):
             self.metrics.inc("mcr_exit_embedding_block_calls_total", 0, block=str(b))
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -261,27 +254,9 @@ class VllmEngine(InputEncoding):
             raise
 
     def _take_batch(self) -> list[tuple[EmbedJob, int]]:
-        """Inputs of one layer, in arrival order, within the batch's token and row budgets."""
-        batch, kept, longest, layer, now = [], deque(), 0, None, time.monotonic()
-        while self._pieces:
-            job, i = self._pieces.popleft()
-            n = len(job.ids[i])
-            if job.cancelled.is_set() or job.future.done() or now > job.deadline:
-                self.queued_tokens -= n
-                if not job.future.done():
-                    job.future.set_exception(RequestTimeout("the embedding request timed out in the queue"))
-                continue
-            fits = (layer in (None, job.layer) and len(batch) < self.config.max_batch_size
-                    and max(longest, n) * (len(batch) + 1) <= self.config.max_batch_tokens)
-            if fits or not batch:
-                batch.append((job, i))
-                layer, longest = job.layer, max(longest, n)
-            else:
-                kept.append((job, i))
-                if len(batch) >= self.config.max_batch_size:
-                    break
-        kept.extend(self._pieces)
-        self._pieces = kept
+        batch, self._pieces, dropped = take_embed_batch(self._pieces, max_batch_size=self.config.max_batch_size,
+                                                        max_batch_tokens=self.config.max_batch_tokens)
+        self.queued_tokens -= dropped
         return batch
 
     async def _embed_lane(self) -> None:
