@@ -24,9 +24,12 @@ CONFIGS = {
                          intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
     "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        intermediate_size=14336, vocab_size=128256),
+    # A model that costs (almost) nothing: what is left is the server's own work per request and token.
+    "host-overhead": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=128, vocab_size=4096),
 }
 # The embedding layer k of each shape: SmolLM2's profile gives hidden 20 of 30; 2L/3 elsewhere.
-DEFAULT_LAYER = {"smollm2-135m": 20, "llama-3.2-1b": 11, "llama-3-8b": 21}
+DEFAULT_LAYER = {"smollm2-135m": 20, "llama-3.2-1b": 11, "llama-3-8b": 21, "host-overhead": 1}
 
 
 class IdTokenizer:
@@ -93,6 +96,7 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--max-batch-size", type=int, default=128)
     p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--kv-cache-memory", type=float, default=None)
+    p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
     a = p.parse_args(argv)
     from mcr_exit.cli.serve import run_server
@@ -102,7 +106,8 @@ def serve(argv: list[str]) -> None:
     loaded = load(a.config, a.model, a.device, a.dtype)
     cfg = EngineConfig(max_input_tokens=a.max_input_tokens, max_new_tokens=a.max_new_tokens,
                        max_batch_tokens=a.max_batch_tokens, max_batch_size=a.max_batch_size,
-                       max_running=a.max_running, kv_cache_memory=a.kv_cache_memory, max_queue=4096,
+                       max_running=a.max_running, kv_cache_memory=a.kv_cache_memory,
+                       kv_cache_tokens=a.kv_cache_tokens, max_queue=4096,
                        max_inputs=256, cuda_graphs=not a.no_cuda_graphs, request_timeout_s=600,
                        max_queue_tokens=1 << 24)
     engine = Engine(loaded, None, cfg, embedding_layer=a.layer)

@@ -198,6 +198,34 @@ class ModelStepper:
     def _bucket(n: int, buckets: list[int]) -> int:
         return next(b for b in buckets if b >= n)
 
+    def feed(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> None:
+        """Set the next decode input of ``slots``: (len(slots),) tokens on the device, and their positions."""
+        idx = torch.tensor(slots, device=self.device)
+        self.tokens[idx] = tokens
+        self.positions[idx] = torch.tensor(positions, device=self.device)
+
+    def advance(self, slots: list[int], tokens: torch.Tensor) -> None:
+        """After a decode step: its chosen tokens are the next input of ``slots``, one position further."""
+        idx = torch.tensor(slots, device=self.device)
+        self.tokens[idx] = tokens
+        self.positions[idx] += 1
+
+    def park(self, slots: list[int]) -> None:
+        """Slots given back: position 0, so that a step covering them as idle rows writes inside the slot."""
+        with torch.inference_mode():
+            self.positions[torch.tensor(slots, device=self.device)] = 0
+
+    def step(self, B: int, span: int) -> torch.Tensor:
+        """One decode step for slots 0..B-1 from the inputs on the device (``feed``/``advance``); idle slots
+        in that range compute garbage into their own KV slot. ``span`` > every running row's position.
+        Returns (B, V) logits."""
+        if self.use_graphs:
+            Bb, span = self._bucket(B, self.batch_buckets), self._bucket(span, self.span_buckets)
+            graph, out = self.graphs[(Bb, span)]
+            graph.replay()
+            return out[:B]
+        return self._decode_eager(B, span)
+
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One token for rows 0..len(tokens)-1 (slot b at ``positions[b]``; idle rows: token 0 at 0).
 

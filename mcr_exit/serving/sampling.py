@@ -52,23 +52,26 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 
 
 class HostCopy:
-    """A step's chosen tokens on the host. On CUDA the wait happens in ``Event.synchronize``, which lets go
-    of the GIL (a blocking ``tolist`` of a CUDA tensor may spin while holding it), so the HTTP event loop
-    and the embedding lane keep running while the GPU finishes the step."""
+    """Tokens chosen on the device, brought to the host. ``start`` queues the copy (into pinned memory on
+    CUDA) and returns at once; ``wait`` waits in ``Event.synchronize``, which lets go of the GIL (a blocking
+    ``tolist`` of a CUDA tensor may spin while holding it), so the HTTP event loop and the embedding lane
+    keep running while the GPU finishes the step."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.buf = torch.empty(0, dtype=torch.long)
-        self.event = torch.cuda.Event() if self.cuda else None
 
-    def __call__(self, tokens: torch.Tensor) -> list[int]:
+    def start(self, tokens: torch.Tensor):
         if not self.cuda:
             return tokens.tolist()
-        n = tokens.numel()
-        if self.buf.numel() < n:
-            self.buf = torch.empty(max(n, 64), dtype=torch.long, pin_memory=True)
-        host = self.buf[:n]
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)  # from torch's pinned-block cache
         host.copy_(tokens, non_blocking=True)
-        self.event.record()
-        self.event.synchronize()
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    def wait(self, started) -> list[int]:
+        if not self.cuda:
+            return started
+        host, event = started
+        event.synchronize()
         return host.tolist()

@@ -61,8 +61,8 @@ class _Row:
 
     def __init__(self, handle: GenerationHandle, slot: int, tracker: TextTracker, generator):
         self.handle, self.slot, self.tracker, self.generator = handle, slot, tracker, generator
-        self.next_token = 0
-        self.next_pos = len(handle.req.prompt_ids)
+        self.next_pos = len(handle.req.prompt_ids)  # the position of the token the next decode step feeds
+        self.finished = False
 
 
 class _EmbedBatch:
@@ -93,6 +93,7 @@ class Scheduler:
         self.stopping = False
         self._events: list = []
         self._host = HostCopy(stepper.device)
+        self._inflight = None  # (rows, host copy) of the last decode step, whose tokens are not taken in yet
 
     # ---- submission (any thread) ------------------------------------------------------------
     def submit_generation(self, handle: GenerationHandle) -> None:
@@ -140,7 +141,7 @@ class Scheduler:
     def _run_generation(self) -> None:
         while True:
             with self.cond:
-                while not (self.waiting or self.rows or self.stopping):
+                while not (self.waiting or self.rows or self.stopping or self._inflight):
                     self.cond.wait()
                 if self.stopping:
                     break
@@ -152,6 +153,9 @@ class Scheduler:
                             self._prefill(admitted)
                     if self.rows:
                         self._decode()
+                    elif self._inflight is not None:
+                        inflight, self._inflight = self._inflight, None
+                        self._take_tokens(inflight)
             except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
                 log.exception("generation step failed")
                 self._fail_step(admitted, exc)
@@ -321,45 +325,63 @@ class Scheduler:
             rows.append(_Row(handle, slot, tracker, make_generator(req.seed, self.stepper.device)))
             self.rows[slot] = rows[-1]
         logits = self.stepper.prefill([h.req.prompt_ids for h in handles], slots)
-        self._advance(rows, logits)
+        chosen = self._sample(rows, logits)
+        # the first generated token and its position become the rows' next decode input, on the device
+        self.stepper.feed(slots, chosen, [len(h.req.prompt_ids) for h in handles])
+        self._advance(rows, self._host.wait(self._host.start(chosen)))
         self.metrics.inc("mcr_exit_batches_total", kind="prefill")
         self.metrics.inc("mcr_exit_blocks_executed_total", self.stepper.adapter.n_layers, kind="generation")
         self.metrics.inc("mcr_exit_tokens_total", sum(len(h.req.prompt_ids) for h in handles), kind="prompt")
 
     def _decode(self) -> None:
-        B = max(self.rows) + 1
-        tokens, positions = [0] * B, [0] * B
-        for slot, row in self.rows.items():
-            tokens[slot], positions[slot] = row.next_token, row.next_pos
+        """Launch one decode step for every running row, then take in the previous step's tokens.
+
+        The step reads its input tokens and positions from the device, where the previous step (or the
+        prefill) left them, so it is queued before the host has seen the previous step's tokens: the GPU
+        runs step N while this thread streams the text of step N - 1. A row that step N - 1 finishes has
+        run one step too many; that step's token is dropped (its KV write stays inside its own slot)."""
+        rows = [self.rows[s] for s in sorted(self.rows)]
+        B = rows[-1].slot + 1
+        span = max(r.next_pos for r in rows) + 1
         if self.stepper.use_graphs:
-            logits = self.stepper.decode(tokens, positions)
+            logits = self.stepper.step(B, span)
         else:
             with self.forward_lock:
-                logits = self.stepper.decode(tokens, positions)
-        order = sorted(self.rows)
-        rows = [self.rows[s] for s in order]
-        if len(order) < B:
-            logits = logits[torch.tensor(order, device=logits.device)]
+                logits = self.stepper.step(B, span)
+        slots = [r.slot for r in rows]
+        if len(rows) < B:
+            logits = logits[torch.tensor(slots, device=logits.device)]
+        chosen = self._sample(rows, logits)
+        self.stepper.advance(slots, chosen)
         for row in rows:
             row.next_pos += 1
-        self._advance(rows, logits)
+        previous, self._inflight = self._inflight, (rows, self._host.start(chosen))
+        if previous is not None:
+            self._take_tokens(previous)
         self.metrics.inc("mcr_exit_batches_total", kind="decode")
         self.metrics.inc("mcr_exit_blocks_executed_total", self.stepper.adapter.n_layers, kind="generation")
 
-    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample each row's next token (one device-to-host copy), stream its text, retire finished rows."""
+    def _take_tokens(self, inflight) -> None:
+        rows, copy = inflight
+        self._advance(rows, self._host.wait(copy))
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         reqs = [r.handle.req for r in rows]
-        chosen = self._host(sample_tokens(logits, [q.temperature for q in reqs], [q.top_p for q in reqs],
-                                          [r.generator for r in rows]))
+        return sample_tokens(logits, [q.temperature for q in reqs], [q.top_p for q in reqs],
+                             [r.generator for r in rows])
+
+    def _advance(self, rows: list[_Row], chosen: list[int]) -> None:
+        """Stream each row's new token as text and retire finished rows (rows already retired are skipped)."""
         now = time.monotonic()
         for row, token in zip(rows, chosen):
+            if row.finished:
+                continue
             handle = row.handle
             handle.last_progress = now
             if handle.cancelled.is_set():
                 row.tracker.abort()
             else:
                 row.tracker.add(int(token))
-                row.next_token = int(token)
             piece = row.tracker.pending_text()
             if piece:
                 if handle.req.on_text is not None:
@@ -371,7 +393,9 @@ class Scheduler:
         self.metrics.inc("mcr_exit_tokens_total", sum(1 for r in rows if r.tracker.ids), kind="completion")
 
     def _finish(self, row: _Row) -> None:
+        row.finished = True
         del self.rows[row.slot]
+        self.stepper.park([row.slot])
         self.stepper.pool.release(row.slot)
         t, req = row.tracker, row.handle.req
         out = GenerationOutput(text=t.text, token_ids=list(t.ids), prompt_tokens=len(req.prompt_ids),
@@ -404,9 +428,13 @@ class Scheduler:
     def _fail_step(self, admitted, exc: BaseException) -> None:
         """A step raised: its new requests and every running sequence get the error."""
         running = [row.handle for row in self.rows.values()]
+        self._inflight = None
         for row in list(self.rows.values()):
+            row.finished = True
             del self.rows[row.slot]
             self.stepper.pool.release(row.slot)
+        if self.stepper.pool is not None:
+            self.stepper.park(list(range(self.stepper.pool.n_slots)))
         for handle in {id(h): h for h in (*admitted, *running)}.values():
             self._error(handle, exc)
 
@@ -416,7 +444,9 @@ class Scheduler:
             waiting, self.waiting = list(self.waiting), deque()
         for handle in waiting:
             self._error(handle, exc)
+        self._inflight = None
         for row in list(self.rows.values()):
+            row.finished = True
             del self.rows[row.slot]
             self.stepper.pool.release(row.slot)
             self._error(row.handle, exc)

@@ -189,13 +189,13 @@ def started(engine):
 
 def slow_decode(monkeypatch, engine, seconds: float) -> None:
     """Give every decode step a fixed extra cost (a CPU stand-in for a model big enough to take time)."""
-    real, pause = engine.stepper.decode, threading.Event()
+    real, pause = engine.stepper.step, threading.Event()
 
-    def decode(tokens, positions):
+    def step(B, span):
         pause.wait(seconds)  # never set: a fixed delay per step
-        return real(tokens, positions)
+        return real(B, span)
 
-    monkeypatch.setattr(engine.stepper, "decode", decode)
+    monkeypatch.setattr(engine.stepper, "step", step)
 
 
 def on_release(monkeypatch, engine, n_free: int) -> threading.Event:

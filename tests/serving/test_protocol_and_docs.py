@@ -23,10 +23,10 @@ def _count(metrics: str, route: str, status: str) -> float:
 def test_error_inside_a_stream_is_counted_under_its_status(tiny4, tiny4_profile, monkeypatch):
     engine = build_engine(tiny4, tiny4_profile)
     with running_server(create_app(engine)) as url:
-        def broken_decode(tokens, positions):
+        def broken_step(B, span):
             raise RuntimeError("a decode step failed")
 
-        monkeypatch.setattr(engine.stepper, "decode", broken_decode)
+        monkeypatch.setattr(engine.stepper, "step", broken_step)
         with httpx.stream("POST", url + "/v1/completions", timeout=60,
                           json={"prompt": "hello", "max_tokens": 8, "stream": True}) as r:
             assert r.status_code == 200  # the headers went out before the failure

@@ -40,7 +40,7 @@ def test_slots_lowest_first_shared_decode_and_all_returned(tiny4, tiny4_profile,
         pool, sched = engine.stepper.pool, engine.scheduler
         assert pool.n_slots == 3 and engine.startup_report["kv_slots"] == 3
         allocs, batch_rows = [], []
-        real_alloc, real_decode = pool.alloc, engine.stepper.decode
+        real_alloc, real_step = pool.alloc, engine.stepper.step
 
         def alloc():  # on the engine thread: record the free set each hand-out chose from
             free = sorted(pool._free)
@@ -48,12 +48,12 @@ def test_slots_lowest_first_shared_decode_and_all_returned(tiny4, tiny4_profile,
             allocs.append((slot, free))
             return slot
 
-        def decode(tokens, positions):
-            batch_rows.append((len(tokens), sorted(sched.rows)))
-            return real_decode(tokens, positions)
+        def step(B, span):
+            batch_rows.append((B, sorted(sched.rows)))
+            return real_step(B, span)
 
         monkeypatch.setattr(pool, "alloc", alloc)
-        monkeypatch.setattr(engine.stepper, "decode", decode)
+        monkeypatch.setattr(engine.stepper, "step", step)
         prompts = engine.encode_texts([f"request {i} about rivers" for i in range(8)])
         decode_before = engine.metrics.get("mcr_exit_batches_total", kind="decode")
         with engine_held(engine) as holder:  # everything queues behind a held engine thread
