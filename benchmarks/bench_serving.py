@@ -157,7 +157,12 @@ def start_server(args, k: int, port: int) -> subprocess.Popen:
     if args.kv_cache_memory:
         cmd += ["--kv-cache-memory", str(args.kv_cache_memory)]
     cmd += ["--max-batch-tokens", str(args.max_batch_tokens), "--max-batch-size", str(args.max_batch_size)]
-    return subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.sample_stacks:
+        env["MCR_EXIT_STACK_SAMPLES"] = args.sample_stacks
+    if args.switch_interval_ms:
+        env["MCR_EXIT_SWITCH_INTERVAL_MS"] = str(args.switch_interval_ms)
+    return subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr, env=env)
 
 
 async def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> dict:
@@ -183,7 +188,10 @@ async def drive(args, url: str, inputs, prompts, proc) -> dict:
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
     res = {}
     await embed_throughput(client, inputs[:64], clients=8, per_request=8, rounds=1)  # warm the path
+    phases = res["phases"] = {}
+    t = time.time()
     res["embed"] = await embed_throughput(client, inputs, clients=64, per_request=8, rounds=args.embed_rounds)
+    phases["embeddings, 64 clients"] = (t, time.time())
     res["embed_idle"] = await embed_latency(client, inputs, n=args.latency_n)
     res["gen"] = {}
     clients = StreamClients(url, args.client_procs)
@@ -193,12 +201,15 @@ async def drive(args, url: str, inputs, prompts, proc) -> dict:
             s0, t0 = _cpu_seconds(proc.pid), time.time()
             res["gen"][n] = await clients.run(prompts[:n], args.max_tokens)
             res["gen"][n]["server_cpu"] = (_cpu_seconds(proc.pid) - s0) / (time.time() - t0)
+            phases[f"{n} streams"] = (t0, time.time())
         most = max(args.stream_counts)
         res["mixed_latency"] = await mixed_embed_latency(client, clients, inputs, prompts[:most], args.latency_n,
                                                          max_tokens=args.max_new_tokens,
                                                          settle_s=2 * res["gen"][most]["ttft_max_s"])
+        t = time.time()
         res["gen_under_embed"] = await streams_under_embedding_load(client, clients, prompts[:most], args.max_tokens,
                                                                     inputs, rate=0.5 * res["embed"]["seq_s"])
+        phases["streams under embedding load"] = (t, time.time())
         res["greedy"] = await greedy_texts(client, prompts[: args.check_prompts], args.check_tokens)
         # shutdown with streams open
         streams = asyncio.ensure_future(clients.run(prompts[:most], args.max_new_tokens, tolerate=True))
@@ -314,6 +325,9 @@ def main() -> None:
     p.add_argument("--no-engine", action="store_true", help="Skip the in-process engine rows.")
     p.add_argument("--client-procs", type=int, default=4, help="Client processes the streams are spread over.")
     p.add_argument("--output", default=None)
+    p.add_argument("--sample-stacks", default=None,
+                   help="Sample the server's thread stacks into this JSON file and print where each phase's time went.")
+    p.add_argument("--switch-interval-ms", type=float, default=None, help="sys.setswitchinterval of the server.")
     args = p.parse_args()
     args.stream_counts = [int(x) for x in args.stream_counts.split(",")]
     args.generate_batches = [int(x) for x in args.generate_batches.split(",")]
@@ -344,6 +358,12 @@ def main() -> None:
             proc.kill()
     text = report(args, meta, k, anchors, res, info, sum(map(len, inputs)) / len(inputs))
     print(text)
+    if args.sample_stacks:
+        from stack_sampler import summarize
+
+        for name, (t0, t1) in res["phases"].items():
+            print(f"\nserver threads during '{name}' ({t1 - t0:.1f} s):\n{summarize(args.sample_stacks, t0, t1)}",
+                  file=sys.stderr)
     if args.output:
         Path(args.output).write_text(text)
 

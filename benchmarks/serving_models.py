@@ -9,6 +9,7 @@ random-weight model, so the benchmark can drive it from another process like any
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -99,6 +100,11 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
     a = p.parse_args(argv)
+    from stack_sampler import start_from_env
+
+    start_from_env()  # MCR_EXIT_STACK_SAMPLES: where the server's threads spend their time (a diagnostic)
+    if os.environ.get("MCR_EXIT_SWITCH_INTERVAL_MS"):
+        sys.setswitchinterval(float(os.environ["MCR_EXIT_SWITCH_INTERVAL_MS"]) / 1e3)
     from mcr_exit.cli.serve import run_server
     from mcr_exit.serving import Engine, EngineConfig
     from mcr_exit.serving.app import create_app

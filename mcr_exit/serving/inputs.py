@@ -67,7 +67,7 @@ class InputEncoding:
         for i, ids in enumerate(batch):
             if not ids:
                 raise InvalidRequest(f"{param}[{i}] is an empty list of token ids", param=param)
-            if any(not 0 <= t < self.vocab_size for t in ids):
+            if min(ids) < 0 or max(ids) >= self.vocab_size:
                 raise InvalidRequest(f"{param}[{i}] has token ids outside 0..{self.vocab_size - 1}", param=param)
             ids = list(ids)
             if self.bos.prepend and ids[0] != self.bos.token_id:

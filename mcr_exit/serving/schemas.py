@@ -17,6 +17,9 @@ TextOrTokens = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
 Number = Union[StrictInt, StrictFloat]
 
 
+_NUMBERS = {int, float, bool, type(None)}
+
+
 def find_unencodable(value, path: str = "") -> str | None:
     """The dotted path of the first string (or key) that is not valid UTF-8 text, e.g. a lone surrogate
     ``"\\ud800"`` that JSON can carry but no tokenizer and no UTF-8 response can; None if all are fine."""
@@ -35,7 +38,7 @@ def find_unencodable(value, path: str = "") -> str | None:
                 if isinstance(k, str) and find_unencodable(k) is not None:
                     return where or "body"
                 stack.append((sub, item))
-        elif isinstance(v, list):
+        elif isinstance(v, list) and not set(map(type, v)) <= _NUMBERS:  # token ids need no look
             stack.extend((f"{where}.{i}" if where else str(i), item) for i, item in enumerate(v))
     return None
 
