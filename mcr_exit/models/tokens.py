@@ -96,6 +96,18 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on ``device``. To a GPU it goes through pinned memory and the host does not wait: a copy
+    from pageable memory first waits for every kernel queued on the stream, which would stall a thread
+    that queues work ahead of the GPU."""
+    if device is None:
+        return t
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def collate(batch: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask), each (B, T)."""
     T = max(len(x) for x in batch)
@@ -104,7 +116,7 @@ def collate(batch: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
     for b, x in enumerate(batch):
         ids[b, : len(x)] = torch.tensor(x, dtype=torch.long)
         mask[b, : len(x)] = 1
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
 
 
 def length_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:

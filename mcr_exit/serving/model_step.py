@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from mcr_exit.models.tokens import to_device
 from mcr_exit.serving.kv_pool import KVPool, LayerShape, ShapeProbe, SlotCache
 
 DECODE_ATTENTION = "mcr_exit_decode"
@@ -74,6 +75,7 @@ class ModelStepper:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.use_graphs = False
         self.compiled: list[tuple[torch.nn.Module, object]] = []
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     # ---- masks and the forward --------------------------------------------------------------
     def _mask(self, q_pos: torch.Tensor, span: int, key_valid: torch.Tensor | None, q_valid: torch.Tensor | None):
@@ -132,11 +134,11 @@ class ModelStepper:
         for b, p in enumerate(prompts):
             ids[b, : len(p)] = torch.tensor(p)
             valid[b, : len(p)] = True
-        ids, valid = ids.to(self.device), valid.to(self.device)
+        ids, valid = to_device(ids, self.device), to_device(valid, self.device)
         pos = torch.arange(T, device=self.device).expand(len(prompts), T)
-        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        slot_t = self.index(slots)
         hidden = self._forward(ids, pos, self._mask(pos, T, valid, valid), self.cache.for_prefill(slot_t))
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        last = self.index([len(p) - 1 for p in prompts])
         return self.logits(hidden[torch.arange(len(prompts), device=self.device), last])
 
     # ---- decode -----------------------------------------------------------------------------
@@ -198,22 +200,33 @@ class ModelStepper:
     def _bucket(n: int, buckets: list[int]) -> int:
         return next(b for b in buckets if b >= n)
 
+    def index(self, values: list[int]) -> torch.Tensor:
+        """``values`` as a long tensor on the device, queued without waiting for the GPU; the running rows'
+        slots repeat step after step, so their index is kept (a few hundred at most)."""
+        key = tuple(values)
+        hit = self._indices.get(key)
+        if hit is None:
+            if len(self._indices) >= 512:
+                self._indices.clear()
+            hit = self._indices[key] = to_device(torch.tensor(values, dtype=torch.long), self.device)
+        return hit
+
     def feed(self, slots: list[int], tokens: torch.Tensor, positions: list[int]) -> None:
         """Set the next decode input of ``slots``: (len(slots),) tokens on the device, and their positions."""
-        idx = torch.tensor(slots, device=self.device)
+        idx = self.index(slots)
         self.tokens[idx] = tokens
-        self.positions[idx] = torch.tensor(positions, device=self.device)
+        self.positions[idx] = to_device(torch.tensor(positions, dtype=torch.long), self.device)
 
     def advance(self, slots: list[int], tokens: torch.Tensor) -> None:
         """After a decode step: its chosen tokens are the next input of ``slots``, one position further."""
-        idx = torch.tensor(slots, device=self.device)
+        idx = self.index(slots)
         self.tokens[idx] = tokens
         self.positions[idx] += 1
 
     def park(self, slots: list[int]) -> None:
         """Slots given back: position 0, so that a step covering them as idle rows writes inside the slot."""
         with torch.inference_mode():
-            self.positions[torch.tensor(slots, device=self.device)] = 0
+            self.positions[self.index(slots)] = 0
 
     def step(self, B: int, span: int) -> torch.Tensor:
         """One decode step for slots 0..B-1 from the inputs on the device (``feed``/``advance``); idle slots

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from mcr_exit.models.tokens import to_device
+
 # Below this temperature a row is greedy: dividing logits by a denormal would give inf / NaN.
 MIN_TEMPERATURE = 1e-4
 
@@ -24,11 +26,11 @@ def sample_tokens(logits: torch.Tensor, temperatures: list[float], top_ps: list[
     sampled_rows = [b for b, t in enumerate(temperatures) if not is_greedy(t)]
     if not sampled_rows:
         return greedy
-    idx = torch.tensor(sampled_rows, device=logits.device)
-    temps = torch.tensor([temperatures[b] for b in sampled_rows], device=logits.device, dtype=torch.float32)
+    idx = to_device(torch.tensor(sampled_rows), logits.device)
+    temps = to_device(torch.tensor([temperatures[b] for b in sampled_rows], dtype=torch.float32), logits.device)
     probs = torch.softmax(logits[idx].float() / temps[:, None], dim=-1)
-    top_p = torch.tensor([top_ps[b] for b in sampled_rows], device=logits.device, dtype=torch.float32)
-    if bool((top_p < 1).any()):
+    top_p = to_device(torch.tensor([top_ps[b] for b in sampled_rows], dtype=torch.float32), logits.device)
+    if any(top_ps[b] < 1 for b in sampled_rows):  # decided on the host: no wait for the GPU
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p[:, None]

@@ -250,7 +250,7 @@ class Scheduler:
             pooled = {key: pool_hidden(hidden, mask, key[0], normalize=key[1],
                                  massive_ratio=self.config.massive_ratio)
                       for key in {(job.pooling, job.normalize) for job, _ in batch}}
-            done = _EmbedBatch(batch, layer, queued, int(mask.sum()))
+            done = _EmbedBatch(batch, layer, queued, sum(len(job.ids[i]) for job, i in batch))
             if self.stepper.device.type == "cuda":
                 for key, value in pooled.items():
                     host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
@@ -350,7 +350,7 @@ class Scheduler:
                 logits = self.stepper.step(B, span)
         slots = [r.slot for r in rows]
         if len(rows) < B:
-            logits = logits[torch.tensor(slots, device=logits.device)]
+            logits = logits[self.stepper.index(slots)]
         chosen = self._sample(rows, logits)
         self.stepper.advance(slots, chosen)
         for row in rows:
