@@ -103,8 +103,6 @@ def serve(argv: list[str]) -> None:
     from stack_sampler import start_from_env
 
     start_from_env()  # MCR_EXIT_STACK_SAMPLES: where the server's threads spend their time (a diagnostic)
-    if os.environ.get("MCR_EXIT_SWITCH_INTERVAL_MS"):
-        sys.setswitchinterval(float(os.environ["MCR_EXIT_SWITCH_INTERVAL_MS"]) / 1e3)
     from mcr_exit.cli.serve import run_server
     from mcr_exit.serving import Engine, EngineConfig
     from mcr_exit.serving.app import create_app
@@ -118,7 +116,9 @@ def serve(argv: list[str]) -> None:
                        max_queue_tokens=1 << 24)
     engine = Engine(loaded, None, cfg, embedding_layer=a.layer)
     run_server(create_app(engine, max_body_bytes=64 << 20, served_model_names=("m",)), engine, host="127.0.0.1",
-               port=a.port, log_level="warning")
+               port=a.port, log_level="warning",
+               **({"switch_interval_s": float(os.environ["MCR_EXIT_SWITCH_INTERVAL_MS"]) / 1e3}
+                  if os.environ.get("MCR_EXIT_SWITCH_INTERVAL_MS") else {}))
 
 
 if __name__ == "__main__":

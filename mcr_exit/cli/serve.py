@@ -212,7 +212,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_server(app, engine, *, host: str, port: int, log_level: str = "info",
-               read_timeout: float = 30.0) -> None:
+               read_timeout: float = 30.0, switch_interval_s: float = 0.0005) -> None:
     """uvicorn, with SIGINT / SIGTERM also cancelling in-flight generation at once (streams end, the
     connections close, and the process exits without waiting for them to finish)."""
     import uvicorn
@@ -227,7 +227,7 @@ def run_server(app, engine, *, host: str, port: int, log_level: str = "info",
 
     # The engine's threads and the event loop share the GIL: a short switch interval lets a decode step
     # go on as soon as the loop has handed out the last one's text (the default, 5 ms, caps steps).
-    sys.setswitchinterval(0.0005)
+    sys.setswitchinterval(switch_interval_s)
     from mcr_exit.serving.http_timeouts import server_config
 
     config = server_config(app, host=host, port=port, read_timeout=read_timeout, log_level=log_level,
