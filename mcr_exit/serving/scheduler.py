@@ -94,6 +94,10 @@ class Scheduler:
         self._events: list = []
         self._host = HostCopy(stepper.device)
         self._inflight = None  # (rows, host copy) of the last decode step, whose tokens are not taken in yet
+        # queue each decode step before taking in the previous one's tokens: on a GPU it overlaps the host
+        # work of a step with the next step; a CPU step is done when it returns, so there it would only
+        # run one step past each sequence's end
+        self.step_ahead = stepper.device.type == "cuda"
 
     # ---- submission (any thread) ------------------------------------------------------------
     def submit_generation(self, handle: GenerationHandle) -> None:
@@ -339,7 +343,8 @@ class Scheduler:
         The step reads its input tokens and positions from the device, where the previous step (or the
         prefill) left them, so it is queued before the host has seen the previous step's tokens: the GPU
         runs step N while this thread streams the text of step N - 1. A row that step N - 1 finishes has
-        run one step too many; that step's token is dropped (its KV write stays inside its own slot)."""
+        run one step too many; that step's token is dropped (its KV write stays inside its own slot). On a
+        CPU the step is done when it returns, and its tokens are taken in at once."""
         rows = [self.rows[s] for s in sorted(self.rows)]
         B = rows[-1].slot + 1
         span = max(r.next_pos for r in rows) + 1
@@ -355,9 +360,13 @@ class Scheduler:
         self.stepper.advance(slots, chosen)
         for row in rows:
             row.next_pos += 1
-        previous, self._inflight = self._inflight, (rows, self._host.start(chosen))
-        if previous is not None:
-            self._take_tokens(previous)
+        step = (rows, self._host.start(chosen))
+        if self.step_ahead:  # the GPU runs this step while the previous one's text is streamed
+            previous, self._inflight = self._inflight, step
+            if previous is not None:
+                self._take_tokens(previous)
+        else:
+            self._take_tokens(step)
         self.metrics.inc("mcr_exit_batches_total", kind="decode")
         self.metrics.inc("mcr_exit_blocks_executed_total", self.stepper.adapter.n_layers, kind="generation")
 

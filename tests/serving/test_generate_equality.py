@@ -105,3 +105,32 @@ def test_greedy_equals_generate_on_smollm2(real_model):
     engine = Engine(real_model, None, EngineConfig(max_input_tokens=64, max_new_tokens=NEW_TOKENS,
                                                    kv_cache_tokens=8 * 128), embedding_layer=19)
     check_equal(engine, make_prompts(engine, 16))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_steps_queued_ahead_give_the_same_tokens(tokenizer, family):
+    """The GPU's way of decoding (each step queued before the previous step's tokens are taken in, so a
+    finished sequence runs one step past its end) forced on the CPU: the same tokens as ``generate``, and a
+    request that fills its KV slot to the last position (prompt + max_tokens = the context) keeps its
+    extra step inside the slot."""
+    loaded = from_objects(build_tiny_model(family, len(tokenizer), n_layers=2), tokenizer, name=f"tiny-{family}")
+    engine = Engine(loaded, None, EngineConfig(max_input_tokens=64, max_new_tokens=NEW_TOKENS,
+                                               kv_cache_tokens=12 * 128), embedding_layer=1)
+    engine.scheduler.step_ahead = True
+    stats = check_equal(engine, make_prompts(engine, 24))
+    assert stats["tokens"] > 0
+
+    prompt = make_prompts(engine, 1, lengths=(engine.context_len - NEW_TOKENS - engine.bos.prepend,))[0]
+    assert len(prompt) + NEW_TOKENS == engine.context_len
+    [ref] = greedy_reference(engine.loaded, [prompt], NEW_TOKENS, eos_ids_of(engine.loaded.model, tokenizer))
+
+    async def one():
+        await engine.astart()
+        try:
+            return await engine.generate(GenerationRequest(prompt_ids=prompt, max_tokens=NEW_TOKENS, temperature=0))
+        finally:
+            await engine.astop()
+
+    out = asyncio.run(one())
+    assert out.token_ids == ref[: len(out.token_ids)] and len(out.token_ids) == min(len(ref), NEW_TOKENS)
+    assert engine.stepper.pool.n_used == 0
