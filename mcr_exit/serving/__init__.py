@@ -4,6 +4,7 @@
 fastapi, uvicorn and vllm are imported lazily (``pip install 'mcr-exit[serve]'``).
 """
 
-from mcr_exit.serving.engine import Engine, EngineConfig
+from mcr_exit.serving.config import EngineConfig
+from mcr_exit.serving.engine import Engine
 
 __all__ = ["Engine", "EngineConfig"]

@@ -27,7 +27,8 @@ import numpy as np
 
 from mcr_exit.errors import ConfigError
 from mcr_exit.models.tokens import pad_id_of, resolve_bos
-from mcr_exit.serving.engine import Engine, EmbeddingResult, EngineConfig, served_layers
+from mcr_exit.serving.config import EmbeddingResult, EngineConfig, served_layers
+from mcr_exit.serving.engine import Engine
 from mcr_exit.serving.errors import EngineNotReady, Overloaded, RequestTimeout
 from mcr_exit.serving.inputs import InputEncoding
 from mcr_exit.serving.jobs import EmbedJob, GenerationHandle, GenerationOutput, GenerationRequest, take_embed_batch
