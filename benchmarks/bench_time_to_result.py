@@ -8,8 +8,11 @@ Rows (wall-clock seconds of a new process, measured from outside it; ``--compare
 same command from an older source tree, run right after, for a before/after on the same machine and load):
 * ``analyze --help``;
 * ``analyze``, first run: new process tree, empty mcr-exit cache and empty Triton cache (a fresh machine);
-* ``analyze``, second run (and later runs): the caches filled by the first;
+* ``analyze``, second run (and later runs): the caches filled by the first, run by the warm process the
+  first run left behind (``mcr_exit.warm``; the benchmark waits until it answers, and reports how long
+  after the first run that was);
 * the same with ``--no-plots``;
+* a second run without the warm process (``MCR_EXIT_WARM=0``): every run's imports in its own process;
 * ``load_model`` alone, in a new process, from the cache (the call, and the process with its imports), and
   through transformers' own GGUF loader without the cache (what every load cost before the cache);
 * a bare forward (SDPA, no statistics) over the same prompts in the same batches, first call and warm.
@@ -53,8 +56,22 @@ def run(cmd: list[str], env: dict, label: str) -> tuple[float, str]:
 
 def stages(stdout: str) -> str:
     """The --verbose block (``time by stage:`` to the end)."""
-    i = stdout.find("time by stage:")
+    i = stdout.find("time by stage")
     return stdout[i:].rstrip() if i >= 0 else "(no breakdown)"
+
+
+def wait_warm(env: dict, py: list[str], rows: list, timeout: float = 300.0) -> None:
+    """Until the warm process that the first run started answers; the row is the seconds that took."""
+    t = time.perf_counter()
+    while time.perf_counter() - t < timeout:
+        _, out = run(py + ["-m", "mcr_exit", "warm", "status"], env, "warm status")
+        if "(this environment)" in out:
+            line = next(x for x in out.splitlines() if "(this environment)" in x)
+            rows.append(("the warm process answers, after the first run ended", time.perf_counter() - t,
+                         line.split("modules")[-1].strip() + " modules imported"))
+            return
+        time.sleep(0.5)
+    raise StepFailed(f"no warm process answered within {timeout:.0f} s")
 
 
 def long_prompts(n: int, tokens: int, folder: Path) -> Path:
@@ -184,7 +201,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, MCR_EXIT_CACHE=str(work / "cache"), TRITON_CACHE_DIR=str(work / "triton"),
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-               BENCH_CWD=str(work), PYTHONUNBUFFERED="1")
+               BENCH_CWD=str(work), PYTHONUNBUFFERED="1", MCR_EXIT_WARM="1", MCR_EXIT_WARM_DIR=str(work / "warm"))
     py = [sys.executable]
     sys.path.insert(0, str(ROOT))
     from mcr_exit.models.loading import default_model_file, resolve_dtype
@@ -198,9 +215,10 @@ def main() -> None:
     common += ["--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"] if args.mlflow else ["--no-mlflow"]
     rows, details = [], []
 
-    def analyze(label: str, *extra: str) -> float:
+    def analyze(label: str, *extra: str, run_env: dict | None = None) -> float:
         out = work / f"out-{len(rows)}"
-        wall, stdout = run(py + ["-m", "mcr_exit", "analyze", *common, "--output-dir", str(out), *extra], env, label)
+        wall, stdout = run(py + ["-m", "mcr_exit", "analyze", *common, "--output-dir", str(out), *extra],
+                           run_env or env, label)
         rows.append((label, wall, ""))
         details.append(f"### {label}: {wall:.2f} s wall\n\n```\n{stages(stdout)}\n```")
         return wall
@@ -216,10 +234,15 @@ def main() -> None:
     seconds: list[float] = []
     step("`analyze`, first run (empty mcr-exit and Triton caches)",
          lambda: analyze("`analyze`, first run (empty mcr-exit and Triton caches)"))
+    step("the warm process answers", lambda: wait_warm(env, py, rows))
     for i in range(args.repeats):
         label = f"`analyze`, second run (repeat {i + 1})"
         step(label, lambda label=label: seconds.append(analyze(label)))
     step("`analyze --no-plots`, second run", lambda: analyze("`analyze --no-plots`, second run", "--no-plots"))
+    cold_env = dict(env, MCR_EXIT_WARM="0")
+    step("`analyze`, second run without the warm process (`MCR_EXIT_WARM=0`)",
+         lambda: analyze("`analyze`, second run without the warm process (`MCR_EXIT_WARM=0`)", run_env=cold_env))
+    run(py + ["-m", "mcr_exit", "warm", "stop"], env, "warm stop")
     if args.compare_with:
         old_env = dict(env, PYTHONPATH=os.pathsep.join([str(Path(args.compare_with).resolve()),
                                                          *filter(None, [os.environ.get("PYTHONPATH")])]))

@@ -39,6 +39,7 @@ class StageTimer:
 
     def __init__(self, *, origin: float | None = None):
         self.origin = time.perf_counter() if origin is None else origin
+        self.warm = False  # the command runs in a warm process (mcr_exit.warm)
         self.stages: dict[str, float] = {}
         self._started: dict[str, float] = {}  # first start of each stage: the report's order
 
@@ -46,8 +47,13 @@ class StageTimer:
     def since_process_start(cls) -> StageTimer:
         """A timer whose total counts from the process's start; that time so far is the stage ``startup``
         (interpreter, command-line parsing, the first imports)."""
-        age = process_age()
+        started = os.environ.get("MCR_EXIT_STARTED_AT")  # run by a warm process: the caller's start
+        try:
+            age = max(0.0, time.time() - float(started)) if started else process_age()
+        except ValueError:
+            age = process_age()
         timer = cls(origin=time.perf_counter() - (age or 0.0))
+        timer.warm = bool(started)
         if age is not None:
             timer.add("startup", age, started=timer.origin)
         return timer
@@ -103,7 +109,7 @@ class StageTimer:
         """One line per stage, parts indented under their stage, the unaccounted rest and the total."""
         total = self.total()
         top = sum(s for name, s in self.stages.items() if "." not in name)
-        lines = ["time by stage:"]
+        lines = ["time by stage (in a warm process; startup includes the hand-over):" if self.warm else "time by stage:"]
         width = max([len(n) for n in self.stages] + [12])
         for name in self._ordered():
             s = self.stages[name]

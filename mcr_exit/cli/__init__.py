@@ -28,6 +28,7 @@ COMMANDS = (
     ("mcr_exit.cli.compare", "sweep_command"),
     ("mcr_exit.cli.runs", "runs_command"),
     ("mcr_exit.cli.models", "models_command"),
+    ("mcr_exit.cli.warm", "warm_command"),
 )
 
 
@@ -53,6 +54,21 @@ def _exit(code: int, *, fast: bool) -> NoReturn:
     sys.exit(code)
 
 
+def _warm_or_later(argv: list[str]) -> None:
+    """Run an analysis command in this environment's warm process and exit with its status, or, where
+    there is none, go on here and start one when this command ends (``mcr_exit.warm``)."""
+    from mcr_exit import warm
+
+    if not warm.enabled(argv):
+        return
+    code = warm.run(argv)
+    if code is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    atexit.register(warm.start_later)
+
+
 class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """Usage errors (a bad option value, an unknown option) as one line too, without click's usage block."""
@@ -61,6 +77,8 @@ class _Group(click.Group):
         from mcr_exit.signals import EXIT_STATUS, Terminated
 
         fast = args is None  # the process's own command line (a test runner passes its arguments)
+        if fast:
+            _warm_or_later(sys.argv[1:])
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except Terminated:  # raised only where there was something to clean up; it has been

@@ -10,12 +10,20 @@ Rule: prepend the declared BOS unless position 0 carries no massive activation w
 (peak < MASSIVE_RATIO) and does without it (peak >= MASSIVE_RATIO). The decision records both peaks.
 Every other case (the tokenizer adds its BOS, declares none, ``--bos force|none``) is the tokenizer's
 own behaviour (``tokens.resolve_bos``), unmeasured.
+
+The evidence of a model read from a file or a local folder is kept in the cache folder
+(``convert_cache.cache_root()/bos-evidence``), keyed by the weights (a GGUF's sha256; a folder's files'
+names, sizes and times), dtype, device type, BOS id, the evidence prompts and torch's version: a second
+run reads the numbers the first measured instead of two forward passes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import weakref
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -69,6 +77,51 @@ def measure_bos_choice(loaded: LoadedModel, token_id: int) -> dict:
             "n_prompts": EVIDENCE_PROMPTS, "max_tokens": EVIDENCE_TOKENS, "rule": RULE}
 
 
+EVIDENCE_FORMAT = 1  # bump when what is measured changes
+
+
+def _evidence_file(loaded: LoadedModel, token_id: int) -> Path | None:
+    """Where this model's evidence is kept, or None (a hub model, an object built in code, no cache)."""
+    from mcr_exit.models.convert_cache import _identity, cache_root, file_sha256
+
+    spec, root = loaded.spec, cache_root()
+    if root is None or spec.source not in ("gguf", "folder"):
+        return None
+    path = Path(spec.location)
+    try:
+        if path.is_file():
+            weights = file_sha256(path, root)
+        elif path.is_dir():
+            weights = sorted([f.name, _identity(f)["size"], _identity(f)["mtime_ns"]]
+                             for f in path.iterdir() if f.is_file())
+        else:
+            return None
+    except OSError:
+        return None
+    doc = {"format": EVIDENCE_FORMAT, "weights": weights, "dtype": spec.dtype,
+           "device": torch.device(spec.device).type, "bos": token_id, "torch": torch.__version__,
+           "prompts": BUILTIN_PROMPTS[:EVIDENCE_PROMPTS], "tokens": EVIDENCE_TOKENS}
+    key = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
+    return root / "bos-evidence" / f"{key}.json"
+
+
+def cached_bos_choice(loaded: LoadedModel, token_id: int) -> dict:
+    """``measure_bos_choice``, read from the cache folder where this model's evidence was measured before."""
+    from mcr_exit.models.convert_cache import _read_json, _write_json_atomic
+
+    where = _evidence_file(loaded, token_id)
+    known = _read_json(where) if where is not None else {}
+    if known.get("rule") == RULE:
+        return known
+    evidence = measure_bos_choice(loaded, token_id)
+    if where is not None:
+        try:
+            _write_json_atomic(where, evidence)
+        except OSError:
+            pass  # a read-only cache: measured again next time
+    return evidence
+
+
 def choose_from_evidence(declared: BosDecision, evidence: dict) -> BosDecision:
     """The rule applied to measured peaks (see the module docstring)."""
     w, wo = evidence["peak_ratio_with_bos"], evidence["peak_ratio_without_bos"]
@@ -89,5 +142,5 @@ def decide_bos(loaded: LoadedModel, policy: str = "auto") -> BosDecision:
         return declared
     memo = _decided.setdefault(loaded.model, {})
     if policy not in memo:
-        memo[policy] = choose_from_evidence(declared, measure_bos_choice(loaded, declared.token_id))
+        memo[policy] = choose_from_evidence(declared, cached_bos_choice(loaded, declared.token_id))
     return memo[policy]

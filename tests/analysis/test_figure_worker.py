@@ -52,3 +52,27 @@ def test_close_ends_the_children():
     procs = [c.proc for c in worker.children]
     worker.close()
     assert all(p.poll() is not None for p in procs)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_in_a_warm_child_the_drawers_are_forked_and_draw_the_same(result, processes, monkeypatch):
+    import threading
+
+    from mcr_exit.analysis import figure_worker
+    from mcr_exit.analysis.plots import _plt
+
+    _plt()  # matplotlib imported, as in a warm process
+    if threading.active_count() != 1:
+        pytest.skip("this test process runs other threads: no fork")
+    monkeypatch.setenv("MCR_EXIT_WARM_CHILD", "1")
+    jobs = analysis_figures(result)
+    worker = FigureWorker(processes=processes)
+    assert [type(c.proc) for c in worker.children] == [figure_worker._Forked] * processes
+    worker.submit(jobs[:2])
+    worker.submit(jobs[2:])
+    assert worker.collect() == {name: render(figure, args) for name, figure, args in jobs}
+
+    worker = FigureWorker(processes=processes)
+    procs = [c.proc for c in worker.children]
+    worker.close()
+    assert all(p.poll() is not None for p in procs)

@@ -89,3 +89,29 @@ def test_the_profile_records_the_choice_and_both_ratios(tokenizer, tmp_path):
     # the analysis looks where the massive activation is: on position 0, the first text token
     assert max(row["norm_ratio"] for row in res.profile["layers"]) > 10
     assert res.profile["massive_activations"]["at_position0"]
+
+
+def test_the_evidence_of_a_folder_model_is_read_back_from_the_cache(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from mcr_exit.models import bos_choice, load_model
+
+    monkeypatch.setenv("MCR_EXIT_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    first = decide_bos(load_model(str(folder), device="cpu"), "auto")
+    assert first.evidence is not None and len(list((tmp_path / "cache" / "bos-evidence").glob("*.json"))) == 1
+
+    def measured(*_):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(bos_choice, "measure_bos_choice", measured)
+    again = decide_bos(load_model(str(folder), device="cpu"), "auto")  # a new model object, same files
+    assert again.evidence == first.evidence and again.prepend == first.prepend
+
+    config = folder / "config.json"
+    config.write_text(config.read_text() + "\n")  # the files changed: measured anew
+    monkeypatch.undo()
+    monkeypatch.setenv("MCR_EXIT_CACHE", str(tmp_path / "cache"))
+    decide_bos(load_model(str(folder), device="cpu"), "auto")
+    assert len(list((tmp_path / "cache" / "bos-evidence").glob("*.json"))) == 2
