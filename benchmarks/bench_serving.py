@@ -116,7 +116,7 @@ async def engine_in_process(args, loaded, k: int, inputs, prompts) -> dict:
     cfg = EngineConfig(max_input_tokens=args.max_input_tokens, max_new_tokens=args.max_new_tokens,
                        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                        kv_cache_tokens=64 * (args.max_input_tokens + args.max_new_tokens), max_queue=4096,
-                       request_timeout_s=600)
+                       request_timeout_s=600, embed_cuda_graphs=args.embed_cuda_graphs)
     engine = Engine(loaded, None, cfg, embedding_layer=k)
     await engine.astart()
     out = {}
@@ -157,6 +157,7 @@ def start_server(args, k: int, port: int) -> subprocess.Popen:
     if args.kv_cache_memory:
         cmd += ["--kv-cache-memory", str(args.kv_cache_memory)]
     cmd += ["--max-batch-tokens", str(args.max_batch_tokens), "--max-batch-size", str(args.max_batch_size)]
+    cmd += ["--embed-cuda-graphs", args.embed_cuda_graphs]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.sample_stacks:
         env["MCR_EXIT_STACK_SAMPLES"] = args.sample_stacks
@@ -322,6 +323,8 @@ def main() -> None:
     p.add_argument("--kv-cache-memory", type=float, default=None)
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--max-batch-size", type=int, default=128)
+    p.add_argument("--embed-cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="the server's embedding CUDA graphs (EngineConfig.embed_cuda_graphs)")
     p.add_argument("--no-engine", action="store_true", help="Skip the in-process engine rows.")
     p.add_argument("--client-procs", type=int, default=4, help="Client processes the streams are spread over.")
     p.add_argument("--output", default=None)

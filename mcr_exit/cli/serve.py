@@ -85,7 +85,12 @@ def _check_serve_extra() -> None:
 @click.option("--embed-batch-wait", type=float, default=10.0, show_default=True,
               help="Milliseconds a non-full embedding batch may wait for more inputs while sequences generate "
               "(fewer, larger forwards leave generation more of the CPU; 0: never wait).")
-@click.option("--no-cuda-graphs", is_flag=True, help="Run decode steps eagerly instead of replaying CUDA graphs.")
+@click.option("--no-cuda-graphs", is_flag=True,
+              help="Run decode steps and embedding batches eagerly instead of replaying CUDA graphs.")
+@click.option("--embed-cuda-graphs", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Embedding batches from CUDA graphs per (rows, positions) bucket (GPU only). auto: models of at "
+              "most 3e9 parameters, while no sequence generates (beside generation, eagerly: graph batches would "
+              "slow the decode steps); on: always; off: never.")
 @click.option("--no-compile", is_flag=True,
               help="Capture the decode steps without compiling their blocks first (torch.compile; GPU only). "
               "Compiling adds about 15-20 s to the start on an H200.")
@@ -95,7 +100,7 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                   pooling, no_normalize, max_queue, max_queue_tokens, max_batch_tokens, max_batch_size, max_running,
                   kv_cache_tokens, kv_cache_memory, max_inputs, max_request_tokens, max_prompts, max_input_tokens,
                   max_new_tokens, max_body_bytes, timeout, stall_timeout, queue_timeout, read_timeout,
-                  embed_batch_wait, no_cuda_graphs, no_compile):
+                  embed_batch_wait, no_cuda_graphs, embed_cuda_graphs, no_compile):
     """Serve embeddings from the profile's layer k (early exit) and full-depth completions."""
     from mcr_exit.cli.serve_checks import check_listen_address
 
@@ -120,7 +125,8 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                        max_new_tokens=max_new_tokens, max_layer=max_layer, request_timeout_s=timeout,
                        stall_timeout_s=stall_timeout, queue_timeout_s=queue_timeout, pooling=pooling,
                        normalize=not no_normalize, cuda_graphs=not no_cuda_graphs,
-                       compile=not no_compile, embed_batch_wait_s=embed_batch_wait / 1e3)
+                       compile=not no_compile, embed_batch_wait_s=embed_batch_wait / 1e3,
+                       embed_cuda_graphs=embed_cuda_graphs)
     if vllm_options is not None:
         engine = _vllm_engine(model, revision, profile, cfg, vllm_options)
     else:

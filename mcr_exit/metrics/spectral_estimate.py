@@ -253,26 +253,11 @@ def _static_input(G: torch.Tensor) -> torch.Tensor:
 
 
 def _capture(fn, static: tuple, options: dict):
-    """(graph, outputs): ``fn`` on the static inputs, captured; ``graph.replay()`` reruns it in place.
+    """(graph, outputs): ``fn`` on the static inputs, captured beside the forward pass, which the analysis
+    keeps running meanwhile on its own thread (``models.cuda_graph.capture``)."""
+    from mcr_exit.models.cuda_graph import capture
 
-    Captured on the caller's stream (the analysis's side stream; a fresh one when the caller is on the
-    default stream, where no capture may run) in thread-local mode: the main thread keeps running the
-    forward pass meanwhile (allocations, synchronizations), which the global mode forbids to every thread
-    and which would invalidate the capture. Unlike ``torch.cuda.graph``, no device synchronization and no
-    emptying of the allocator's cache before the capture (both would stall the forward pass).
-    """
-    graph = torch.cuda.CUDAGraph()
-    caller = torch.cuda.current_stream()
-    stream = torch.cuda.Stream() if caller == torch.cuda.default_stream() else caller
-    stream.wait_stream(caller)
-    with torch.cuda.stream(stream):
-        graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            out = fn(*static, **options)
-        finally:
-            graph.capture_end()
-    caller.wait_stream(stream)
-    return graph, out
+    return capture(fn, static, options)
 
 
 def _graphed(key, fn, inputs: tuple, use: bool, **options) -> tuple:

@@ -35,6 +35,7 @@ class EngineConfig:
     massive_ratio: float = MASSIVE_RATIO  # mean_no_massive's rule; the profile's massive_activations.rule wins
     warmup: bool = True  # warm forwards, and CUDA graphs of the decode steps on a GPU
     cuda_graphs: bool = True
+    embed_cuda_graphs: str = "auto"  # embedding batches from CUDA graphs: auto, on, off (serving/embed_graphs.py)
     compile: bool = True  # on a GPU, compile the blocks of the captured decode steps (torch.compile)
 
     def __post_init__(self):
@@ -51,6 +52,8 @@ class EngineConfig:
         for name in ("request_timeout_s", "stall_timeout_s", "queue_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.embed_cuda_graphs not in ("auto", "on", "off"):
+            raise ConfigError(f"--embed-cuda-graphs must be auto, on or off, got {self.embed_cuda_graphs!r}")
         if not 0 <= self.embed_batch_wait_s <= 1:
             raise ConfigError(f"--embed-batch-wait must be within 0..1000 ms, got {self.embed_batch_wait_s * 1e3:g} ms")
 

@@ -2,7 +2,8 @@
 layer k (``models.forward.hidden_at``, the analysis's own early-exit path), on a thread and (on a GPU) a
 CUDA stream of its own. ``Scheduler`` (scheduler.py) holds the state it works on: ``embed_cond``,
 ``pieces``, ``queued_tokens``, ``forward_lock``, ``rows``, ``stopping``, ``stepper``, ``config``,
-``metrics`` and ``pad_id``."""
+``metrics``, ``pad_id`` and ``embed_graphs`` (``embed_graphs.py``: on a GPU a batch may replay a CUDA
+graph, without ``forward_lock``; every other batch runs eagerly, holding it)."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ class EmbeddingLane:
             launched = None
             if batch:
                 try:
-                    with torch.inference_mode(), self.forward_lock, \
+                    with torch.inference_mode(), \
                             (torch.cuda.stream(stream) if stream is not None else nullcontext()):
                         launched = self._launch_embed(batch)
                 except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep serving
@@ -132,7 +133,13 @@ class EmbeddingLane:
         layer = batch[0][0].layer
         try:
             ids, mask = collate([job.ids[i] for job, i in batch], self.pad_id, self.stepper.device)
-            hidden = hidden_at(self.stepper.adapter, ids, mask, layer)  # blocks layer+1.. never run
+            graphs = self.embed_graphs
+            hidden = None
+            if graphs is not None and (graphs.always or not self.rows):
+                hidden = graphs.hidden(ids, mask, layer, lock=self.forward_lock)
+            if hidden is None:
+                with self.forward_lock:
+                    hidden = hidden_at(self.stepper.adapter, ids, mask, layer)  # blocks layer+1.. never run
             pooled = {key: pool_hidden(hidden, mask, key[0], normalize=key[1],
                                  massive_ratio=self.config.massive_ratio)
                       for key in {(job.pooling, job.normalize) for job, _ in batch}}

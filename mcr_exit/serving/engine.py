@@ -23,6 +23,7 @@ from mcr_exit.metrics.pooling import POOLING_ALIASES, POOLINGS
 from mcr_exit.models import LoadedModel
 from mcr_exit.models.bos_choice import decide_bos
 from mcr_exit.models.tokens import pad_id_of
+from mcr_exit.serving import embed_graphs
 from mcr_exit.serving.config import EmbeddingResult, EngineConfig, served_layers  # noqa: F401 - also imported from here
 from mcr_exit.serving.errors import EngineNotReady, InvalidRequest, RequestTimeout
 from mcr_exit.serving.inputs import InputEncoding
@@ -234,6 +235,11 @@ class Engine(InputEncoding):
             n = self.stepper.capture_graphs()
             self.startup_report.update(compiled=bool(self.stepper.compiled))
             self.startup_report.update(cuda_graphs=n)
+        when = embed_graphs.mode(self.config.embed_cuda_graphs, self.loaded.model, self.stepper.device)
+        if self.config.cuda_graphs and when is not None:
+            self.scheduler.embed_graphs = embed_graphs.EmbedGraphs(
+                self.stepper, max_batch_tokens=self.config.max_batch_tokens, always=when == "always")
+        self.startup_report.update(embed_cuda_graphs=when if self.scheduler.embed_graphs is not None else "off")
         self.startup_report.update(warmup_s=round(time.perf_counter() - t0, 2))
 
     # ---- embeddings --------------------------------------------------------------------------

@@ -85,6 +85,7 @@ class Scheduler(EmbeddingLane):
         # work of a step with the next step; a CPU step is done when it returns, so there it would only
         # run one step past each sequence's end
         self.step_ahead = stepper.device.type == "cuda"
+        self.embed_graphs = None  # EmbedGraphs once the engine has warmed up (GPU; embed_graphs.py)
 
     # ---- submission (any thread) ------------------------------------------------------------
     def submit_generation(self, handle: GenerationHandle) -> None:

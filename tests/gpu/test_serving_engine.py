@@ -72,3 +72,30 @@ def test_graph_decode_matches_generate(family, tokenizer):
           f"(graphs, then eager): {firsts}; {report}")
     assert same / total >= 0.95
     assert all(a[:4] == b[:4] for a, b in pairs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_embedding_batches_from_graphs_equal_eager_ones(family, tokenizer):
+    """With the engine warmed up (decode graphs, compiled blocks), embedding batches of a repeated bucket
+    replay a captured graph, without ``forward_lock``, and give the eager batches' vectors."""
+    from mcr_exit.models import from_objects
+    from mcr_exit.serving import Engine, EngineConfig
+
+    loaded = from_objects(build_tiny_model(family, len(tokenizer)).cuda(), tokenizer, name=f"tiny-{family}")
+    engine = Engine(loaded, None, EngineConfig(max_input_tokens=64, max_new_tokens=8), embedding_layer=2)
+
+    async def go():
+        await engine.astart()
+        try:
+            graphs = engine.scheduler.embed_graphs
+            assert graphs is not None and engine.startup_report["embed_cuda_graphs"] == "idle"
+            ids = engine.encode_texts(PROMPTS)
+            runs = [(await engine.embed(ids)).vectors for _ in range(3)]
+            return runs, graphs.captured
+        finally:
+            await engine.astop()
+
+    (eager, captured_run, replayed), captured = asyncio.run(go())
+    assert captured == 1
+    torch.testing.assert_close(torch.from_numpy(captured_run), torch.from_numpy(eager), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(torch.from_numpy(replayed), torch.from_numpy(eager), atol=1e-4, rtol=1e-3)
