@@ -66,7 +66,18 @@ def _warm_or_later(argv: list[str]) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    atexit.register(warm.start_later)
+    atexit.register(_start_warm_quietly)
+
+
+def _start_warm_quietly() -> None:
+    """At exit: a warm process that cannot start (no space, a bad ``MCR_EXIT_WARM_IDLE``) only costs the
+    next command its speed; it never adds a traceback to this one's output."""
+    from mcr_exit import warm
+
+    try:
+        warm.start_later()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 class _Group(click.Group):
