@@ -92,7 +92,7 @@ def _evidence_file(loaded: LoadedModel, token_id: int) -> Path | None:
         if path.is_file():
             weights = file_sha256(path, root)
         elif path.is_dir():
-            weights = sorted([f.name, _identity(f)["size"], _identity(f)["mtime_ns"]]
+            weights = sorted([f.name, *(_identity(f)[k] for k in ("size", "mtime_ns"))]
                              for f in path.iterdir() if f.is_file())
         else:
             return None
