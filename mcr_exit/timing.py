@@ -11,6 +11,7 @@ indented under their stage; ``as_metrics()`` gives MLflow keys ``timing/<name>_s
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,14 @@ def process_age() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return max(0.0, uptime - started)
+
+
+def profiled() -> bool:
+    """Whether a profiler or tracer watches this process (``python -m cProfile``, a debugger; on Python
+    3.12+ cProfile registers with ``sys.monitoring``)."""
+    monitoring = getattr(sys, "monitoring", None)
+    return sys.getprofile() is not None or sys.gettrace() is not None or (
+        monitoring is not None and monitoring.get_tool(monitoring.PROFILER_ID) is not None)
 
 
 class StageTimer:

@@ -85,9 +85,9 @@ def enabled(argv: list[str]) -> bool:
         return False
     if not argv or argv[0] not in WARM_COMMANDS or "--help" in argv or "-h" in argv:
         return False
-    monitoring = getattr(sys, "monitoring", None)  # a profiler or tracer watches this process, not another
-    if sys.getprofile() is not None or sys.gettrace() is not None or sys._xoptions or (
-            monitoring is not None and monitoring.get_tool(monitoring.PROFILER_ID) is not None):
+    from mcr_exit.timing import profiled
+
+    if sys._xoptions or profiled():  # a profiler or tracer watches this process, not another
         return False
     return sys.platform.startswith("linux") and hasattr(socket, "send_fds") and hasattr(os, "pidfd_open")
 
@@ -180,12 +180,14 @@ def _receive(sock: socket.socket, *, max_fds: int = 0) -> tuple[dict | None, lis
 def _connect(k: str, timeout: float | None = 2.0) -> socket.socket | None:
     try:
         path = _paths(k)[0]
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
+    except OSError:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
         sock.connect(str(path))
     except OSError:
-        with contextlib.suppress(NameError):
-            sock.close()
+        sock.close()
         return None
     return sock
 
@@ -281,19 +283,15 @@ def start_later(modules: list[str] | None = None, *, wait: float = 0.0) -> bool:
     is already running. With ``wait``, wait up to that many seconds until it answers."""
     try:
         k, env, path = _AT_START or (key(), dict(os.environ), [p or os.getcwd() for p in sys.path])
-        sock_path, lock_path, log_path = _paths(k)
+        log_path = _paths(k)[2]
     except OSError:
         return False
     probe = _connect(k)
     if probe is not None:
         probe.close()
         return False
-    with open(lock_path, "a") as lock:  # held by a running warm process: do not start another
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        fcntl.flock(lock, fcntl.LOCK_UN)
+    if _starting(k):  # one is importing: do not start another
+        return False
     names = modules if modules is not None else [m for m in list(sys.modules) if _preloadable(m)]
     spec = {"key": k, "path": path, "modules": names, "idle": float(env.get("MCR_EXIT_WARM_IDLE", DEFAULT_IDLE_S))}
     env = {name: v for name, v in env.items() if name not in _INTERNAL_ENV}

@@ -93,7 +93,7 @@ def _reopen_std_streams() -> None:
 
 
 def serve(spec: dict) -> int:
-    """The warm process's main loop (``python -m mcr_exit.warm``, ``spec`` on stdin)."""
+    """The warm process's main loop (``python -m mcr_exit.warm_process``, ``spec`` on stdin)."""
     k = spec["key"]
     sock_path, lock_path, _ = _paths(k)
     lock = open(lock_path, "a")
@@ -198,13 +198,16 @@ def serve(spec: dict) -> int:
                     done = {"signal": os.WTERMSIG(raw)} if os.WIFSIGNALED(raw) else {"status": os.waitstatus_to_exitcode(raw)}
                     sel.unregister(pidfd)
                     os.close(pidfd)
-                    sel.unregister(conn)
+                    with contextlib.suppress(KeyError):  # already unregistered if the caller went away first
+                        sel.unregister(conn)
                     with contextlib.suppress(OSError):
                         _send(conn, done)
                     conn.close()
                     last = time.monotonic()
                 else:  # the caller's connection: readable only when the caller went away
                     pidfd = sel_key.data
+                    if pidfd not in children:  # its child ended earlier in this round
+                        continue
                     pid, conn = children[pidfd]
                     sel.unregister(conn)
                     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -40,10 +40,9 @@ def _exit(code: int, *, fast: bool) -> NoReturn:
     another thread still runs (a pool, a server) or a process group is up, the ordinary exit joins them;
     under a profiler or tracer (``python -m cProfile``, which writes its stats after the program
     returns) the ordinary exit lets it finish."""
-    monitoring = getattr(sys, "monitoring", None)  # Python 3.12+: cProfile registers as a tool there
-    profiled = sys.getprofile() is not None or sys.gettrace() is not None or (
-        monitoring is not None and monitoring.get_tool(monitoring.PROFILER_ID) is not None)
-    if fast and not profiled and not any(t.is_alive() and not t.daemon for t in threading.enumerate()
+    from mcr_exit.timing import profiled
+
+    if fast and not profiled() and not any(t.is_alive() and not t.daemon for t in threading.enumerate()
                                          if t is not threading.main_thread()):
         dist = sys.modules.get("torch.distributed")
         if dist is None or not (dist.is_available() and dist.is_initialized()):

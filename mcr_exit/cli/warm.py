@@ -17,10 +17,11 @@ def start(wait):
     """Start this environment's warm process now (a cold command starts one when it ends)."""
     from mcr_exit import warm
 
+    k = warm.key()
     if warm.start_later(list(warm.DEFAULT_MODULES), wait=wait):
-        click.echo(f"warm process for key {warm.key()} started")
-    elif any(s["key"] == warm.key() for s in warm.status()):
-        click.echo(f"warm process for key {warm.key()} already running")
+        click.echo(f"warm process for key {k} started")
+    elif any(s["key"] == k for s in warm.status()):
+        click.echo(f"warm process for key {k} already running")
     else:
         raise click.ClickException("the warm process did not start; see its log in " + str(warm.folder()))
 

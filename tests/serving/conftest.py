@@ -102,7 +102,7 @@ def client(server):
     return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-# ---- engine helpers shared by the scheduler, equality and shutdown tests ---------------------------
+# ---- engine functions shared by the scheduler, equality and shutdown tests ---------------------------
 def greedy_reference(loaded, prompts: list[list[int]], max_new_tokens: int, eos_ids) -> list[list[int]]:
     """transformers ``generate`` (greedy) per prompt, cut before the first EOS. Prompts of one length run
     as one batch without padding, so the reference is exactly what ``generate`` gives one prompt alone."""
