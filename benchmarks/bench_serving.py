@@ -254,7 +254,8 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
         f"- torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs; "
         f"{loaded.n_layers} blocks, embeddings from hidden {k}; weights {anchors['weight_bytes'] / 1e9:.2f} GB",
         f"- server: `benchmarks/serving_models.py serve` (create_app + run_server, as `mcr-exit serve`), a child "
-        f"process; engine start-up {info['startup']}; driven over loopback by openai.AsyncOpenAI (embeddings base64; "
+        f"process ({_uvicorn_stack()}); engine start-up {info['startup']}; driven over loopback by openai.AsyncOpenAI "
+        f"(embeddings base64; "
         f"streams from {args.client_procs} client processes, one event loop and client each)",
         f"- embeddings: {emb['sequences']} inputs of ~{n_inputs_tokens:.0f} tokens, "
         f"64 clients x 8 inputs per request; generation: prompts of {args.prompt_len} tokens, "
@@ -300,6 +301,17 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
     ]
     return "\n".join(x for x in lines if x is not None)
 
+
+
+def _uvicorn_stack() -> str:
+    """What uvicorn's ``auto`` picks in this environment: uvloop and httptools where installed (the ``serve``
+    extra installs both), else asyncio's loop and the pure-Python h11 parser."""
+    import importlib.metadata
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return f"uvicorn {importlib.metadata.version('uvicorn')}, {loop} loop, {http} parser"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
