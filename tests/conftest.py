@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MCR_EXIT_WARM", "0")  # commands run cold unless a test asks for a warm process
+os.environ.setdefault("MCR_EXIT_PREPARE", "0")  # no background first-run work unless a test asks
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter (set before Triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

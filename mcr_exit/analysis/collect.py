@@ -15,7 +15,7 @@ from mcr_exit.metrics.attention import AttentionStats, summarize_heads
 from mcr_exit.metrics.massive import TOP_TOKENS, is_delimiter, token_norm_ratios, top_tokens
 from mcr_exit.metrics.registry import HEAD_METRICS
 from mcr_exit.metrics.spectral import SpectralStats, finish_spectral, gram_eigenvalues, spectral_terms
-from mcr_exit.metrics.spectral_estimate import estimate_spectrum
+from mcr_exit.metrics.spectral_estimate import ESTIMATE_MIN_SIZE, estimate_spectrum
 from mcr_exit.models.attention_stats import collect_attention_stats
 from mcr_exit.models.forward import run_blocks
 from mcr_exit.models.loading import LoadedModel
@@ -23,7 +23,6 @@ from mcr_exit.models.tokens import collate, length_batches, pad_id_of
 
 SPECTRAL_BACKENDS = ("device", "estimate")
 SPECTRA_METHODS = ("auto", "exact", "estimate")
-ESTIMATE_MIN_SIZE = 256  # below this Gram size exact eigenvalues cost little anywhere
 MAX_UNFINISHED = 2  # batches whose statistics may still be in flight (host memory and latency bound)
 
 

@@ -43,6 +43,10 @@ def analyze_command(model, revision, dtype, device, data, field, max_prompts, ma
 
     timer = StageTimer.since_process_start()
     preflight(output_dir, mlflow=not no_mlflow, tracking_uri=tracking_uri)  # in a second, before torch loads
+    from mcr_exit import prepare
+
+    # what a first run still lacks (Triton kernels, a GGUF's tokenizer) is made in children while this imports
+    prepare.start(model, revision=revision, device=device, dtype=dtype, spectra=spectra)
     with timer.stage("imports"):
         from mcr_exit.analysis.run import AnalyzeConfig, analyze
 

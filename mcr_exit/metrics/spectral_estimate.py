@@ -46,6 +46,7 @@ from mcr_exit.metrics.cheb_step import cheb_step, deflated_half, tf32
 from mcr_exit.metrics.subspace_kernels import cholqr, times_block
 
 _TINY = 1e-300
+ESTIMATE_MIN_SIZE = 256  # below this Gram size exact eigenvalues cost little anywhere (the analysis's threshold)
 
 
 @dataclass(frozen=True)

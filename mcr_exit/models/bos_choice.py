@@ -12,7 +12,7 @@ Every other case (the tokenizer adds its BOS, declares none, ``--bos force|none`
 own behaviour (``tokens.resolve_bos``), unmeasured.
 
 The evidence of a model read from a file or a local folder is kept in the cache folder
-(``convert_cache.cache_root()/bos-evidence``), keyed by the weights (a GGUF's sha256; a folder's files'
+(``cache_dir.cache_root()/bos-evidence``), keyed by the weights (a GGUF's sha256; a folder's files'
 names, sizes and times), dtype, device type, BOS id, the evidence prompts and torch's version: a second
 run reads the numbers the first measured instead of two forward passes.
 """
@@ -82,7 +82,7 @@ EVIDENCE_FORMAT = 1  # bump when what is measured changes
 
 def _evidence_file(loaded: LoadedModel, token_id: int) -> Path | None:
     """Where this model's evidence is kept, or None (a hub model, an object built in code, no cache)."""
-    from mcr_exit.models.convert_cache import _identity, cache_root, file_sha256
+    from mcr_exit.cache_dir import cache_root, file_identity, file_sha256
 
     spec, root = loaded.spec, cache_root()
     if root is None or spec.source not in ("gguf", "folder"):
@@ -92,7 +92,7 @@ def _evidence_file(loaded: LoadedModel, token_id: int) -> Path | None:
         if path.is_file():
             weights = file_sha256(path, root)
         elif path.is_dir():
-            weights = sorted([f.name, *(_identity(f)[k] for k in ("size", "mtime_ns"))]
+            weights = sorted([f.name, *(file_identity(f)[k] for k in ("size", "mtime_ns"))]
                              for f in path.iterdir() if f.is_file())
         else:
             return None
@@ -107,16 +107,16 @@ def _evidence_file(loaded: LoadedModel, token_id: int) -> Path | None:
 
 def cached_bos_choice(loaded: LoadedModel, token_id: int) -> dict:
     """``measure_bos_choice``, read from the cache folder where this model's evidence was measured before."""
-    from mcr_exit.models.convert_cache import _read_json, _write_json_atomic
+    from mcr_exit.cache_dir import read_json, write_json_atomic
 
     where = _evidence_file(loaded, token_id)
-    known = _read_json(where) if where is not None else {}
+    known = read_json(where) if where is not None else {}
     if known.get("rule") == RULE:
         return known
     evidence = measure_bos_choice(loaded, token_id)
     if where is not None:
         try:
-            _write_json_atomic(where, evidence)
+            write_json_atomic(where, evidence)
         except OSError:
             pass  # a read-only cache: measured again next time
     return evidence

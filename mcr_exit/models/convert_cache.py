@@ -25,7 +25,6 @@ and converted again. Delete the folder to reclaim the space (about the float siz
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -37,85 +36,10 @@ from pathlib import Path
 
 import torch
 
+from mcr_exit.cache_dir import cache_root, entry_key, file_identity, file_sha256
 from mcr_exit.timing import stage
 
-CACHE_ENV = "MCR_EXIT_CACHE"
 _PATCHING = threading.Lock()
-FORMAT = 1  # bump when the layout or what is saved changes
-_OFF = ("off", "0", "none", "false", "no")
-
-
-def cache_root() -> Path | None:
-    """The cache folder (see the module docstring), or None when ``MCR_EXIT_CACHE=off``."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env and env.lower() in _OFF:
-        return None
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "mcr-exit"
-
-
-def _identity(path: Path) -> dict:
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
-            "device": st.st_dev}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
-
-
-def _write_json_atomic(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def file_sha256(path: Path, root: Path | None = None) -> str:
-    """sha256 of the file's bytes, remembered under ``root`` while the file's size, times and inode stay."""
-    path = Path(os.path.realpath(path))
-    ident = _identity(path)
-    index = root / "gguf" / "hashes.json" if root is not None else None
-    known = _read_json(index).get(str(path)) if index is not None else None
-    if isinstance(known, dict) and {k: known.get(k) for k in ident} == ident and known.get("sha256"):
-        return str(known["sha256"])
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    sha = digest.hexdigest()
-    if index is not None and _identity(path) == ident:  # unchanged while it was read
-        with suppress(OSError):
-            doc = _read_json(index)
-            doc[str(path)] = {**ident, "sha256": sha}
-            _write_json_atomic(index, doc)
-    return sha
-
-
-def entry_key(sha256: str) -> str:
-    """The entry's folder name: the file's hash and the versions of what converts it (read from the
-    installed packages' metadata: importing gguf costs a second, and a cache hit needs none of it)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "none"
-
-    return f"{sha256[:32]}-tf{installed('transformers')}-gguf{installed('gguf')}-f{FORMAT}"
 
 
 @contextmanager
@@ -156,15 +80,70 @@ def _fast_gguf_reading() -> Iterator[None]:
             readers.clear()
 
 
-def _convert(path: Path, model_kwargs: dict):
+def _convert(path: Path, model_kwargs: dict, tokenizer_dir: Path | None = None):
+    """(tokenizer, model) converted from the GGUF; the tokenizer read from ``tokenizer_dir`` instead where
+    an earlier conversion (another dtype) saved it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _fast_gguf_reading():
         with stage("load_model.tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tokenizer = None
+            if tokenizer_dir is not None and tokenizer_dir.is_dir():
+                with suppress(Exception):  # a damaged folder: convert it again
+                    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            if tokenizer is None:
+                tokenizer = _convert_tokenizer(path)
         with stage("load_model.gguf"):  # config, read, de-quantize, build
             lm = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **model_kwargs)
     return tokenizer, lm
+
+
+def _convert_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def save_tokenizer(path: Path) -> bool:
+    """Convert the GGUF's tokenizer into its cache entry, unless it is there; True when it is there now.
+    The part of a conversion that needs no model classes: ``mcr_exit.prepare`` runs it in the background
+    of a command's first load of the file."""
+    root = cache_root()
+    if root is None:
+        return False
+    entry = root / "gguf" / entry_key(file_sha256(path, root))
+    if not (entry / "tokenizer").is_dir():
+        entry.mkdir(parents=True, exist_ok=True)
+        pending = entry / f".tokenizer.{os.getpid()}.pending"  # a load that comes meanwhile waits for it
+        pending.touch()
+        try:
+            with _fast_gguf_reading():
+                tokenizer = _convert_tokenizer(path)
+            _write_entry(entry / "tokenizer", lambda d: tokenizer.save_pretrained(d))
+        finally:
+            pending.unlink(missing_ok=True)
+    return True
+
+
+def _wait_for_tokenizer(entry: Path, timeout: float = 5.0) -> None:
+    """While a live process converts this entry's tokenizer (``save_tokenizer``), wait for it (up to
+    ``timeout`` s) rather than convert it a second time beside it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (entry / "tokenizer").is_dir() and time.monotonic() < deadline:
+        alive = False
+        for marker in entry.glob(".tokenizer.*.pending"):
+            try:
+                os.kill(int(marker.name.split(".")[2]), 0)
+                alive = True
+            except (ValueError, ProcessLookupError):
+                marker.unlink(missing_ok=True)  # left by a process that died
+            except PermissionError:
+                alive = True
+        if not alive:
+            return
+        time.sleep(0.02)
 
 
 def _unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -246,8 +225,10 @@ def load_gguf(path: Path, *, model_kwargs: dict) -> tuple[object, torch.nn.Modul
     if entry is None:  # no cache: as transformers loads it (device map included)
         return _convert(path, model_kwargs)
     # Convert on the CPU with the caller's dtype; a device map is applied by reloading the saved entry.
-    tokenizer, lm = _convert(path, {k: v for k, v in model_kwargs.items() if k != "device_map"})
-    source = {"gguf": str(Path(os.path.realpath(path))), "dtype": dtype, **_identity(path)}
+    with stage("load_model.tokenizer_wait"):
+        _wait_for_tokenizer(entry)
+    tokenizer, lm = _convert(path, {k: v for k, v in model_kwargs.items() if k != "device_map"}, entry / "tokenizer")
+    source = {"gguf": str(Path(os.path.realpath(path))), "dtype": dtype, **file_identity(path)}
     with stage("load_model.cache_write"):
         try:
             _save(entry, dtype_dir, tokenizer, lm, source)

@@ -66,7 +66,11 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # The lengths (T, NB) and the LSE strides that follow T are not specialized on (Triton would compile
+    # a kernel per divisibility of T by 16 and for NB == 1): one compiled kernel per head size and dtype
+    # serves every batch, so it can be compiled ahead of a run (``mcr_exit.prepare``). They only bound masks
+    # and address the small LSE and column-sum rows; the Q and K tiles keep their aligned strides.
+    @triton.jit(do_not_specialize=("slb", "slh", "T", "NB"))
     def score_sweep(Q, K, LSE, LEN, COL, PART,
                     sqb, sqh, sqt, skb, skh, skt, slb, slh,
                     H, G, T, NB, D, qk_scale,
@@ -125,7 +129,7 @@ def _kernels():
         tl.store(part, -0.6931471805599453 * tl.sum(mix, 0))
         tl.store(part + 1, tl.sum(diag, 0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("T", "NB"))
     def finish(PART, COL, LEN, OUT, T, NB, H, BT: tl.constexpr):
         bh = tl.program_id(0)
         b = bh // H

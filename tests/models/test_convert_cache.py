@@ -112,12 +112,26 @@ def test_a_cached_load_gives_the_tensors_of_the_gguf_load(tmp_path, monkeypatch)
     assert torch.equal(_outputs(again.model, ids)[0], ref_logits)
     assert weights.stat().st_size > 1000
 
+    # another dtype converts the weights again but reads back the tokenizer the first conversion saved
+    real = AutoTokenizer.from_pretrained.__func__
+    calls = []
+
+    def recording(cls, *args, **kwargs):
+        calls.append(kwargs.get("gguf_file"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", classmethod(recording))
+    half = load_model(dtype="bfloat16")
+    assert calls == [None]  # one read, from the saved folder, none from the GGUF
+    assert (entry / "bfloat16" / "model.safetensors").is_file()
+    assert half.tokenizer(texts[1]).input_ids == reference_tok(texts[1]).input_ids
+
 
 def test_a_cache_that_cannot_be_written_does_not_fail_a_load(tmp_path, monkeypatch):
     """Conversion errors in the cache's own files only cost the cache: the load still returns the model."""
     calls = []
 
-    def fake_convert(path, kwargs):
+    def fake_convert(path, kwargs, tokenizer_dir=None):
         calls.append(path)
         return "tokenizer", torch.nn.Linear(2, 2)
 
@@ -143,3 +157,28 @@ def test_without_a_cache_the_gguf_loads_as_transformers_loads_it(tmp_path, monke
     kwargs = {"dtype": torch.bfloat16, "device_map": "auto"}
     assert convert_cache.load_gguf(f, model_kwargs=kwargs) == ("tok", "model")
     assert seen == [kwargs] and not (tmp_path / "cache").exists()
+
+
+def test_a_load_waits_for_a_tokenizer_being_converted_beside_it(tmp_path):
+    """A live converter's marker: wait until its folder appears; a dead one's: go on at once, marker gone."""
+    import subprocess
+    import sys
+    import threading
+
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / f".tokenizer.{os.getpid()}.pending").touch()  # this process: alive
+    threading.Timer(0.3, lambda: (entry / "tokenizer").mkdir()).start()
+    t = time.monotonic()
+    convert_cache._wait_for_tokenizer(entry, timeout=10)
+    assert (entry / "tokenizer").is_dir() and 0.25 < time.monotonic() - t < 5
+    (entry / "tokenizer").rmdir()
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for m in entry.glob(".tokenizer.*.pending"):
+        m.unlink()
+    marker = entry / f".tokenizer.{dead.stdout.strip()}.pending"
+    marker.touch()
+    t = time.monotonic()
+    convert_cache._wait_for_tokenizer(entry, timeout=10)
+    assert time.monotonic() - t < 1 and not marker.exists()
