@@ -72,7 +72,8 @@ def create_app(engine, *, api_key: str | None = None, max_body_bytes: int = 4 * 
     @app.get("/health/ready")
     async def ready():
         ok = engine.is_ready()
-        return JSONResponse({"status": "ready" if ok else "warming_up"}, status_code=200 if ok else 503)
+        status = "ready" if ok else "failed" if engine.has_failed() else "warming_up"
+        return JSONResponse({"status": status}, status_code=200 if ok else 503)
 
     @app.exception_handler(McrExitError)
     async def domain_error(_request, exc: McrExitError):

@@ -167,7 +167,11 @@ class Engine(InputEncoding):
         return self._ready.wait(timeout)
 
     def is_ready(self) -> bool:
-        return self._ready.is_set() and not self.scheduler.stopping
+        return self._ready.is_set() and not self.scheduler.stopping and self.scheduler.failed is None
+
+    def has_failed(self) -> bool:
+        """A generation step failed and so did the reset after it (a device error that stays)."""
+        return self.scheduler.failed is not None
 
     def queue_depth(self) -> int:
         return len(self.scheduler.waiting)
@@ -246,6 +250,8 @@ class Engine(InputEncoding):
     def _require_ready(self) -> None:
         if self.startup_error:
             raise EngineNotReady(f"the engine failed to start: {self.startup_error}")
+        if self.scheduler.failed is not None:
+            raise EngineNotReady(self.scheduler.failure_message())
         if not self.is_ready():
             raise EngineNotReady("the engine is warming up" if not self.scheduler.stopping
                                  else "the server is shutting down")

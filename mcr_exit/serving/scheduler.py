@@ -78,6 +78,7 @@ class Scheduler(EmbeddingLane):
         self.queued_tokens = 0  # tokens in self.pieces
         self.rows: dict[int, _Row] = {}  # slot -> running sequence
         self.stopping = False
+        self.failed: BaseException | None = None  # set when clearing up after a failed step failed too
         self._events: list = []
         self._host = HostCopy(stepper.device)
         self._inflight = None  # (rows, host copy) of the last decode step, whose tokens are not taken in yet
@@ -92,6 +93,8 @@ class Scheduler(EmbeddingLane):
         with self.cond:
             if self.stopping:
                 raise EngineNotReady("the server is shutting down")
+            if self.failed is not None:
+                raise EngineNotReady(self.failure_message())
             if len(self.waiting) >= self.config.max_queue:
                 raise Overloaded(f"{len(self.waiting)} generation requests are already waiting for the KV cache; "
                                  "retry later", code="queue_full")
@@ -137,9 +140,21 @@ class Scheduler(EmbeddingLane):
                         self._take_tokens(inflight)
             except Exception as exc:  # noqa: BLE001 - fail this step's requests, keep serving
                 log.exception("generation step failed")
-                self._fail_step(admitted, exc)
+                try:
+                    self._fail_step(admitted, exc)
+                except Exception as again:  # noqa: BLE001 - e.g. a CUDA error that stays: no more generation
+                    log.exception("resetting the KV slots after a failed step failed: generation stops")
+                    with self.cond:
+                        self.failed = again
+                    break
             self._flush()
         self._shutdown()
+
+    def failure_message(self) -> str:
+        """What requests hear once ``failed`` is set."""
+        f = self.failed
+        why = f"{type(f).__name__}: {str(f).splitlines()[0]}" if str(f) else type(f).__name__
+        return f"the engine failed ({why}) and cannot serve: restart the server"
 
     # ---- generation -------------------------------------------------------------------------
     def _admit(self) -> list[GenerationHandle]:
@@ -289,13 +304,13 @@ class Scheduler(EmbeddingLane):
             row.finished = True
             del self.rows[row.slot]
             self.stepper.pool.release(row.slot)
+        for handle in {id(h): h for h in (*admitted, *running)}.values():
+            self._error(handle, exc)  # first: the clients hear of it even if the device is gone
         if self.stepper.pool is not None:
             self.stepper.park(list(range(self.stepper.pool.n_slots)))
-        for handle in {id(h): h for h in (*admitted, *running)}.values():
-            self._error(handle, exc)
 
     def _shutdown(self) -> None:
-        exc = EngineNotReady("the server is shutting down")
+        exc = EngineNotReady(self.failure_message() if self.failed is not None else "the server is shutting down")
         with self.cond:
             waiting, self.waiting = list(self.waiting), deque()
         for handle in waiting:

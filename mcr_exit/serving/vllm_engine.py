@@ -209,6 +209,10 @@ class VllmEngine(InputEncoding):
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
+    def has_failed(self) -> bool:
+        """The built-in engine's "generation failed for good" state; vLLM's engine reports its own errors."""
+        return False
+
     def is_ready(self) -> bool:
         return self._ready.is_set() and not self.stopping
 

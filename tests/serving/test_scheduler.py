@@ -135,3 +135,39 @@ def test_generation_works_without_warm_up(tiny4, tiny4_profile):
 
     out = asyncio.run(go())
     assert out.completion_tokens >= 1 and out.finish_reason in ("length", "stop")
+
+
+def test_a_step_that_fails_for_good_ends_generation_with_a_clear_503(tiny4, tiny4_profile, monkeypatch):
+    """A decode step raises and so does the reset of the KV slots after it (a device error that stays):
+    the running request gets the step's error at once, the generation lane ends in order instead of
+    dying half-way with requests left hanging, and every later request gets 503 with the reason, as
+    /health/ready ("failed") tells a load balancer."""
+    import httpx
+
+    engine = build_engine(tiny4, tiny4_profile, max_input_tokens=32, max_new_tokens=16)
+    with running_server(create_app(engine)) as url:
+        def client():  # a connection each: the server closes one after an unexpected error
+            return openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+
+        assert client().completions.create(model=MODEL, prompt="fine", max_tokens=3, temperature=0).choices
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(engine.stepper, "step", broken)
+        monkeypatch.setattr(engine.stepper, "park", broken)
+        t0 = time.perf_counter()
+        with pytest.raises(openai.InternalServerError) as first:
+            client().completions.create(model=MODEL, prompt="hello there", max_tokens=8, temperature=0)
+        assert first.value.status_code == 500 and time.perf_counter() - t0 < 10
+        with pytest.raises(openai.InternalServerError) as later:
+            client().completions.create(model=MODEL, prompt="and now?", max_tokens=8, temperature=0)
+        assert later.value.status_code == 503
+        message = later.value.body["message"]
+        assert "the engine failed" in message and "illegal memory access" in message and "restart" in message
+        ready = httpx.get(url + "/health/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        assert engine.has_failed() and engine.stepper.pool.n_used == 0
+        with pytest.raises(openai.InternalServerError) as emb:
+            client().embeddings.create(model=MODEL, input=["and embeddings?"])
+        assert emb.value.status_code == 503 and emb.value.body["message"] == message
