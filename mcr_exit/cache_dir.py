@@ -16,6 +16,12 @@ _OFF = ("off", "0", "none", "false", "no")
 GGUF_FORMAT = 1  # the convert cache's layout (models/convert_cache.py): bump when it or what is saved changes
 
 
+def default_cache_root() -> Path:
+    """``$XDG_CACHE_HOME/mcr-exit``, else ``~/.cache/mcr-exit``."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "mcr-exit"
+
+
 def cache_root() -> Path | None:
     """The cache folder, or None when ``MCR_EXIT_CACHE=off``."""
     env = os.environ.get(CACHE_ENV, "").strip()
@@ -23,8 +29,7 @@ def cache_root() -> Path | None:
         return None
     if env:
         return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "mcr-exit"
+    return default_cache_root()
 
 
 # ---- the convert cache's keys (models/convert_cache.py), here so that a command can look before torch loads

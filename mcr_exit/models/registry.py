@@ -22,9 +22,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mcr_exit.cache_dir import CACHE_ENV, cache_root, default_cache_root
 from mcr_exit.errors import ModelLoadError
 
-CACHE_ENV = "MCR_EXIT_CACHE"
 _BLOCK = 1 << 22  # 4 MiB per read while hashing and copying
 
 
@@ -96,6 +96,7 @@ def default_model_file() -> Path:
             return files[0]
     raise ModelLoadError(f"no .gguf file inside the installed package {DEFAULT_MODEL_PACKAGE}")
 
+
 def lookup(name: str | None) -> KnownModel | None:
     """The known model called ``name`` (short name or model name, any case), else None."""
     if not name:
@@ -108,13 +109,10 @@ def lookup(name: str | None) -> KnownModel | None:
 
 
 def model_cache_dir() -> Path:
-    """Where assembled models live: $MCR_EXIT_CACHE/models, else $XDG_CACHE_HOME/mcr-exit/models, else
-    ~/.cache/mcr-exit/models."""
-    root = os.environ.get(CACHE_ENV)
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = str(Path(xdg) / "mcr-exit")
-    return Path(root).expanduser() / "models"
+    """Where assembled models live: ``<cache>/models`` (``cache_dir.cache_root``). An assembled file is
+    what a load opens, not a copy that can be skipped, so ``MCR_EXIT_CACHE=off`` (which turns off the
+    caches of derived data) leaves it in the default place."""
+    return (cache_root() or default_cache_root()) / "models"
 
 
 def _package_folder(dist: str) -> Path | None:

@@ -113,3 +113,13 @@ def test_models_command_lists_size_source_and_state(tmp_path, monkeypatch):
     doc = json.loads(js.output)
     assert doc["cache"] == str(tmp_path / "cache" / "models")
     assert {r["short_name"] for r in doc["models"]} >= {"smollm2-135m", "qwen2.5-coder-0.5b", "fake-model"}
+
+
+def test_assembled_models_stay_in_a_real_folder_with_the_cache_off(tmp_path, monkeypatch):
+    """MCR_EXIT_CACHE=off turns off derived caches; assembled models still go to the default place (not a
+    folder called "off" in the working directory)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("MCR_EXIT_CACHE", "off")
+    assert registry.model_cache_dir() == tmp_path / "xdg" / "mcr-exit" / "models"
+    monkeypatch.setenv("MCR_EXIT_CACHE", str(tmp_path / "mine"))
+    assert registry.model_cache_dir() == tmp_path / "mine" / "models"
