@@ -97,7 +97,7 @@ def start(model: str | None, *, revision: str | None, device: str, dtype: str, s
 
 
 def _spawn(args: list[str]) -> subprocess.Popen | None:
-    try:  # its own session: a Ctrl-C of the command does not reach it; it ends when its work is done
+    try:  # setsid: a Ctrl-C at the terminal does not reach it; it ends when its work is done
         return subprocess.Popen([sys.executable, "-m", "mcr_exit.prepare", *args], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                 close_fds=True)
