@@ -304,14 +304,13 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
 
 
 def _uvicorn_stack() -> str:
-    """What uvicorn's ``auto`` picks in this environment: uvloop and httptools where installed (the ``serve``
-    extra installs both), else asyncio's loop and the pure-Python h11 parser."""
     import importlib.metadata
-    import importlib.util
 
-    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    from mcr_exit.cli.serve_checks import server_stack
+
+    loop, http = server_stack()
     return f"uvicorn {importlib.metadata.version('uvicorn')}, {loop} loop, {http} parser"
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

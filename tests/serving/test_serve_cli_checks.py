@@ -49,3 +49,18 @@ def test_a_port_in_use_is_found_before_the_model_loads(tmp_path):
 def test_an_unknown_host_gives_one_line(tmp_path):
     profile = make_profile(tmp_path / "p.json", name="m", model_type="llama", n_layers=3, hidden_size=64, k=1)
     _one_line(_serve("--profile", str(profile), "--host", "no-such-host.invalid", "--port", "0"), "--host")
+
+
+def test_a_note_when_the_server_would_run_on_the_slow_stack(monkeypatch):
+    """uvloop and httptools missing: the operator is told which loop and parser run, and what to install."""
+    import importlib.util
+
+    from mcr_exit.cli import serve_checks
+
+    real = importlib.util.find_spec
+    assert serve_checks.server_stack() == ("uvloop", "httptools")  # the serve extra installs both
+    assert serve_checks.stack_note() is None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "httptools" else real(name, *a))
+    note = serve_checks.stack_note()
+    assert serve_checks.server_stack() == ("uvloop", "h11")
+    assert note.startswith("note: httptools not installed") and "h11 parser" in note and "pip install httptools" in note
