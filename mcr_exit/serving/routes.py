@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 from pathlib import PurePath
@@ -84,9 +85,30 @@ def _split_inputs(value) -> tuple[list[str], list[list[int]]]:
     return list(value), []
 
 
+@functools.lru_cache(maxsize=1)
+def sse_response_class():
+    """Starlette's StreamingResponse, closing its body generator as soon as the response ends, however it
+    ends. When a client leaves a stream, ``send`` raises and Starlette gives up the response with the
+    generator suspended at a ``yield``: its ``finally`` (which cancels the generation) would run only when
+    the generator is garbage-collected, seconds or minutes later if a reference cycle holds it, while the
+    engine generates on for nobody."""
+    from fastapi.responses import StreamingResponse
+
+    class SSEResponse(StreamingResponse):
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                close = getattr(self.body_iterator, "aclose", None)
+                if close is not None:
+                    await close()
+
+    return SSEResponse
+
+
 def build_router(engine, served_model_names: tuple[str, ...] = ()):
     from fastapi import APIRouter
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse
 
     router = APIRouter()
     names = (engine.model_id, *served_model_names)
@@ -213,8 +235,8 @@ def build_router(engine, served_model_names: tuple[str, ...] = ()):
                     h.cancel()  # a disconnected client frees its KV slot at the next step
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return sse_response_class()(sse(), media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.get("/v1/models")
     async def models():

@@ -127,3 +127,45 @@ def test_signal_stops_streams_and_exits_within_2s(long_model_dir, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_stream_whose_client_left_closes_its_generator_at_once():
+    """The client is gone, so ``send`` raises on the second chunk: the stream's body generator is closed
+    when the response ends (its ``finally`` cancels the generation), not whenever the garbage collector
+    gets to it (collection is off here)."""
+    import asyncio
+    import gc
+
+    from mcr_exit.serving.routes import sse_response_class
+
+    closed = []
+
+    async def body():
+        try:
+            for i in range(1000):
+                yield f"data: {i}\n\n"
+        finally:
+            closed.append(True)
+
+    sent = []
+
+    async def send(message):
+        if message["type"] == "http.response.body" and any(m["type"] == "http.response.body" for m in sent):
+            raise OSError("the client closed the connection")
+        sent.append(message)
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    response = sse_response_class()(body(), media_type="text/event-stream")
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "GET", "path": "/", "headers": []}
+    async def serve_and_look():
+        with pytest.raises(Exception):  # Starlette's ClientDisconnect
+            await response(scope, receive, send)
+        return list(closed)  # while the loop runs (asyncio.run closes left-over generators when it ends)
+
+    gc.disable()
+    try:
+        assert asyncio.run(serve_and_look()) == [True] and len(sent) == 2  # the start and one chunk
+    finally:
+        gc.enable()
