@@ -104,13 +104,13 @@ def _convert_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def save_tokenizer(path: Path) -> bool:
-    """Convert the GGUF's tokenizer into its cache entry, unless it is there; True when it is there now.
+def save_tokenizer(path: Path) -> None:
+    """Convert the GGUF's tokenizer into its cache entry, unless it is there (or the cache is off).
     The part of a conversion that needs no model classes: ``mcr_exit.prepare`` runs it in the background
     of a command's first load of the file."""
     root = cache_root()
     if root is None:
-        return False
+        return
     entry = root / "gguf" / entry_key(file_sha256(path, root))
     if not (entry / "tokenizer").is_dir():
         entry.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,6 @@ def save_tokenizer(path: Path) -> bool:
             _write_entry(entry / "tokenizer", lambda d: tokenizer.save_pretrained(d))
         finally:
             pending.unlink(missing_ok=True)
-    return True
 
 
 def _wait_for_tokenizer(entry: Path, timeout: float = 5.0) -> None:
