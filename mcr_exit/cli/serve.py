@@ -91,6 +91,12 @@ def _check_serve_extra() -> None:
               help="Embedding batches from CUDA graphs per (rows, positions) bucket (GPU only). auto: models of at "
               "most 3e9 parameters, while no sequence generates (beside generation, eagerly: graph batches would "
               "slow the decode steps); on: always; off: never.")
+@click.option("--fuse-embeddings", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="While sequences generate, decode steps carry waiting embedding inputs of the served layer "
+              "(one pass over the weights for both; the inputs leave the pass after their layer). auto: where "
+              "decode steps replay CUDA graphs; on: also eagerly (CPU); off: embeddings run in batches of their own.")
+@click.option("--fused-embed-tokens", type=int, default=1024, show_default=True,
+              help="Embedding input tokens one decode step may carry (--fuse-embeddings).")
 @click.option("--no-compile", is_flag=True,
               help="Capture the decode steps without compiling their blocks first (torch.compile; GPU only). "
               "Compiling adds about 15-20 s to the start on an H200.")
@@ -100,7 +106,8 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                   pooling, no_normalize, max_queue, max_queue_tokens, max_batch_tokens, max_batch_size, max_running,
                   kv_cache_tokens, kv_cache_memory, max_inputs, max_request_tokens, max_prompts, max_input_tokens,
                   max_new_tokens, max_body_bytes, timeout, stall_timeout, queue_timeout, read_timeout,
-                  embed_batch_wait, no_cuda_graphs, embed_cuda_graphs, no_compile):
+                  embed_batch_wait, no_cuda_graphs, embed_cuda_graphs, fuse_embeddings, fused_embed_tokens,
+                  no_compile):
     """Serve embeddings from the profile's layer k (early exit) and full-depth completions."""
     from mcr_exit.cli.serve_checks import check_listen_address
 
@@ -126,7 +133,8 @@ def serve_command(model, revision, dtype, device, profile_src, tracking_uri, hos
                        stall_timeout_s=stall_timeout, queue_timeout_s=queue_timeout, pooling=pooling,
                        normalize=not no_normalize, cuda_graphs=not no_cuda_graphs,
                        compile=not no_compile, embed_batch_wait_s=embed_batch_wait / 1e3,
-                       embed_cuda_graphs=embed_cuda_graphs)
+                       embed_cuda_graphs=embed_cuda_graphs, fuse_embeddings=fuse_embeddings,
+                       fused_embed_tokens=fused_embed_tokens)
     if vllm_options is not None:
         engine = _vllm_engine(model, revision, profile, cfg, vllm_options)
     else:

@@ -37,6 +37,8 @@ class EngineConfig:
     cuda_graphs: bool = True
     embed_cuda_graphs: str = "auto"  # embedding batches from CUDA graphs: auto, on, off (serving/embed_graphs.py)
     compile: bool = True  # on a GPU, compile the blocks of the captured decode steps (torch.compile)
+    fuse_embeddings: str = "auto"  # decode steps carry waiting embedding inputs: auto (GPU graphs), on, off
+    fused_embed_tokens: int = 1024  # embedding tokens one decode step may carry (fused_step.py)
 
     def __post_init__(self):
         if POOLING_ALIASES.get(self.pooling, self.pooling) not in POOLINGS:
@@ -52,6 +54,10 @@ class EngineConfig:
         for name in ("request_timeout_s", "stall_timeout_s", "queue_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.fuse_embeddings not in ("auto", "on", "off"):
+            raise ConfigError(f"--fuse-embeddings must be auto, on or off, got {self.fuse_embeddings!r}")
+        if self.fused_embed_tokens < 1:
+            raise ConfigError(f"--fused-embed-tokens must be at least 1, got {self.fused_embed_tokens}")
         if self.embed_cuda_graphs not in ("auto", "on", "off"):
             raise ConfigError(f"--embed-cuda-graphs must be auto, on or off, got {self.embed_cuda_graphs!r}")
         if not 0 <= self.embed_batch_wait_s <= 1:

@@ -19,7 +19,7 @@ from mcr_exit.metrics.pooling import pool_hidden
 from mcr_exit.models.forward import hidden_at
 from mcr_exit.models.tokens import collate
 from mcr_exit.serving.errors import EngineNotReady, Overloaded
-from mcr_exit.serving.jobs import EmbedJob, take_embed_batch
+from mcr_exit.serving.jobs import EmbedJob, take_embed_batch, take_packed
 
 log = logging.getLogger("mcr_exit.serving")
 
@@ -27,8 +27,8 @@ log = logging.getLogger("mcr_exit.serving")
 class _EmbedBatch:
     """An embedding batch whose forward is queued: its pooled vectors (on the host once ``event`` is done)."""
 
-    def __init__(self, batch, layer: int, queued: bool, n_tokens: int):
-        self.batch, self.layer, self.queued, self.n_tokens = batch, layer, queued, n_tokens
+    def __init__(self, batch, layer: int, queued: bool, n_tokens: int, kind: str = "embedding"):
+        self.batch, self.layer, self.queued, self.n_tokens, self.kind = batch, layer, queued, n_tokens, kind
         self.vectors: dict[tuple, torch.Tensor] = {}
         self.event = None
 
@@ -62,14 +62,14 @@ class EmbeddingLane:
         pending = None  # a launched batch whose vectors are not handed out yet
         while True:
             with self.embed_cond:
-                while not (self.pieces or self.stopping or pending):
+                while not (self._lane_has_inputs() or self.stopping or pending):
                     self.embed_cond.wait()
                 if self.stopping:
                     break
                 full = self._embed_queue_full()
                 if pending is None and not full and self.rows:
                     self._let_batch_fill()
-                batch = self._take_embed_batch() if self.pieces and (pending is None or full) else []
+                batch = self._take_embed_batch() if self._lane_has_inputs() and (pending is None or full) else []
             launched = None
             if batch:
                 try:
@@ -91,6 +91,20 @@ class EmbeddingLane:
         for job, _ in pieces:
             if not job.future.done():
                 job.future.set_exception(EngineNotReady("the server is shutting down"))
+
+    # ---- the share of decode steps (fused_step.py) ----------------------------------------------
+    def _fusing(self) -> bool:
+        """While sequences generate, decode steps carry the inputs of the fused layer (``_fusable``)."""
+        return self.fused is not None and bool(self.rows)
+
+    def _fusable(self, job: EmbedJob, i: int) -> bool:
+        return job.layer == self.fused.layer and self.fused.fits(len(job.ids[i]))
+
+    def _lane_has_inputs(self) -> bool:
+        """Inputs this lane runs: all waiting ones, or, while decode steps carry the fusable ones, the others."""
+        if not self._fusing():
+            return bool(self.pieces)
+        return any(not self._fusable(job, i) for job, i in self.pieces)
 
     def _embed_queue_full(self) -> bool:
         return (self.queued_tokens >= self.config.max_batch_tokens
@@ -116,8 +130,14 @@ class EmbeddingLane:
 
     # ---- embeddings ---------------------------------------------------------------------------
     def _take_embed_batch(self) -> list[tuple[EmbedJob, int]]:
-        batch, self.pieces, dropped = take_embed_batch(self.pieces, max_batch_size=self.config.max_batch_size,
-                                                       max_batch_tokens=self.config.max_batch_tokens)
+        pieces, others = self.pieces, deque()
+        if self._fusing():  # the decode steps take those
+            others = deque(p for p in pieces if self._fusable(*p))
+            pieces = deque(p for p in pieces if not self._fusable(*p))
+        batch, left, dropped = take_embed_batch(pieces, max_batch_size=self.config.max_batch_size,
+                                                max_batch_tokens=self.config.max_batch_tokens)
+        others.extend(left)
+        self.pieces = others
         self.queued_tokens -= dropped
         self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
         return batch
@@ -140,22 +160,43 @@ class EmbeddingLane:
             if hidden is None:
                 with self.forward_lock:
                     hidden = hidden_at(self.stepper.adapter, ids, mask, layer)  # blocks layer+1.. never run
-            pooled = {key: pool_hidden(hidden, mask, key[0], normalize=key[1],
-                                 massive_ratio=self.config.massive_ratio)
-                      for key in {(job.pooling, job.normalize) for job, _ in batch}}
-            done = _EmbedBatch(batch, layer, queued, sum(len(job.ids[i]) for job, i in batch))
-            if self.stepper.device.type == "cuda":
-                for key, value in pooled.items():
-                    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-                    done.vectors[key] = host.copy_(value, non_blocking=True)
-                done.event = torch.cuda.Event()
-                done.event.record()
-            else:
-                done.vectors = pooled
-            return done
+            return self._pool_to_host(batch, hidden, mask, layer, queued)
         except BaseException:
             if queued:
                 self._release_queued(batch)
+            raise
+
+    def _pool_to_host(self, batch, hidden: torch.Tensor, mask: torch.Tensor, layer: int, queued: bool,
+                      kind: str = "embedding") -> _EmbedBatch:
+        """Queue the pooling of a batch's hidden[layer] (R, T, d) and the vectors' copy to the host."""
+        pooled = {key: pool_hidden(hidden, mask, key[0], normalize=key[1], massive_ratio=self.config.massive_ratio)
+                  for key in {(job.pooling, job.normalize) for job, _ in batch}}
+        done = _EmbedBatch(batch, layer, queued, sum(len(job.ids[i]) for job, i in batch), kind)
+        if self.stepper.device.type == "cuda":
+            for key, value in pooled.items():
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                done.vectors[key] = host.copy_(value, non_blocking=True)
+            done.event = torch.cuda.Event()
+            done.event.record()
+        else:
+            done.vectors = pooled
+        return done
+
+    def _take_fused(self):
+        """Inputs for the next decode step to carry: (batch, packed E, index, mask), or None."""
+        with self.embed_cond:
+            batch, self.pieces, dropped = take_packed(self.pieces, fits=self._fusable,
+                                                      max_tokens=self.fused.max_tokens,
+                                                      max_rows=self.config.max_batch_size)
+            self.queued_tokens -= dropped
+            self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
+        if not batch:
+            return None
+        try:
+            return (batch, *self.fused.load([job.ids[i] for job, i in batch]))
+        except BaseException as exc:
+            self._release_queued(batch)
+            self._fail_embed(batch, exc)
             raise
 
     def _release_queued(self, batch) -> None:
@@ -180,5 +221,5 @@ class EmbeddingLane:
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(np.stack(job.vectors))
         self.metrics.inc("mcr_exit_blocks_executed_total", done.layer, kind="embedding")
-        self.metrics.inc("mcr_exit_batches_total", kind="embedding")
+        self.metrics.inc("mcr_exit_batches_total", kind=done.kind)
         self.metrics.inc("mcr_exit_tokens_total", done.n_tokens, kind="embedding_input")

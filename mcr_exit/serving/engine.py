@@ -136,6 +136,7 @@ class Engine(InputEncoding):
                 self._build_pool()
                 if self.config.warmup:
                     self._warm_up()
+                self._set_up_fused_steps()
         except Exception as exc:  # noqa: BLE001 - requests will show the failure; the server stays up
             log.exception("engine start-up failed")
             self.startup_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -245,6 +246,31 @@ class Engine(InputEncoding):
                 self.stepper, max_batch_tokens=self.config.max_batch_tokens, always=when == "always")
         self.startup_report.update(embed_cuda_graphs=when if self.scheduler.embed_graphs is not None else "off")
         self.startup_report.update(warmup_s=round(time.perf_counter() - t0, 2))
+
+    def _set_up_fused_steps(self) -> None:
+        """Decode steps that carry embedding inputs of layer k (fused_step.py): with ``auto``, where decode
+        steps replay CUDA graphs; with ``on`` also eagerly (the CPU). One eager fused forward compiles its
+        path at warm-up, so that the first graph captured while serving does not wait for the compiler."""
+        setting = self.config.fuse_embeddings
+        graphs = self.stepper.use_graphs
+        if setting == "off" or (setting == "auto" and not graphs):
+            self.startup_report.update(fused_embeddings="off")
+            return
+        from mcr_exit.serving.fused_step import FusedStep
+
+        fused = FusedStep(self.stepper, layer=self.embedding_layer, max_tokens=self.config.fused_embed_tokens,
+                          graphs=graphs)
+        if self.config.warmup:
+            slot = self.stepper.pool.alloc()
+            try:
+                self.stepper.park([slot])
+                fused.load(self.encode_texts(["Warm-up: the quick brown fox."]))
+                fused.forward(1, self.stepper.span_buckets[0], fused.buckets[0])
+            finally:
+                self.stepper.pool.release(slot)
+        self.scheduler.fused = fused
+        self.startup_report.update(fused_embeddings=f"{'graphs' if graphs else 'eager'}, "
+                                                    f"up to {self.config.fused_embed_tokens} tokens a step")
 
     # ---- embeddings --------------------------------------------------------------------------
     def _require_ready(self) -> None:

@@ -116,3 +116,29 @@ def take_embed_batch(pieces: deque, *, max_batch_size: int, max_batch_tokens: in
                 break
     kept.extend(pieces)
     return batch, kept, dropped
+
+
+def take_packed(pieces: deque, *, fits, max_tokens: int, max_rows: int
+                ) -> tuple[list[tuple[EmbedJob, int]], deque, int]:
+    """Waiting embedding inputs ``(job, index)`` for which ``fits(job, index)`` holds, in arrival order, while
+    their tokens together stay within ``max_tokens`` (packed one after another: no padding) and they are at
+    most ``max_rows``; every other input keeps its place. Inputs of jobs cancelled, done or past their deadline
+    are dropped as in ``take_embed_batch``. Returns (batch, the inputs left waiting, tokens dropped)."""
+    batch, kept, total, dropped, now = [], deque(), 0, 0, time.monotonic()
+    while pieces:
+        job, i = pieces.popleft()
+        n = len(job.ids[i])
+        if job.cancelled.is_set() or job.future.done() or now > job.deadline:
+            dropped += n
+            if not job.future.done():
+                job.future.set_exception(RequestTimeout("the embedding request timed out in the queue"))
+            continue
+        if fits(job, i) and total + n <= max_tokens and len(batch) < max_rows:
+            batch.append((job, i))
+            total += n
+        else:
+            kept.append((job, i))
+            if total >= max_tokens or len(batch) >= max_rows:
+                break
+    kept.extend(pieces)
+    return batch, kept, dropped

@@ -74,6 +74,7 @@ class ModelStepper:
         self.cache: SlotCache | None = None
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.use_graphs = False
+        self.graph_pool = None  # the decode graphs' memory pool (fused steps' graphs share it)
         self.compiled: list[tuple[torch.nn.Module, object]] = []
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -255,7 +256,7 @@ class ModelStepper:
         """Capture every (batch bucket, span bucket) decode step; the pool must be idle. Returns the count."""
         self.positions.zero_()
         self.tokens.zero_()
-        mempool = torch.cuda.graph_pool_handle()
+        mempool = self.graph_pool = torch.cuda.graph_pool_handle()
         for B in reversed(self.batch_buckets):
             for span in reversed(self.span_buckets):
                 side = torch.cuda.Stream()

@@ -81,12 +81,13 @@ class Scheduler(EmbeddingLane):
         self.failed: BaseException | None = None  # set when clearing up after a failed step failed too
         self._events: list = []
         self._host = HostCopy(stepper.device)
-        self._inflight = None  # (rows, host copy) of the last decode step, whose tokens are not taken in yet
+        self._inflight = None  # (rows, host copy, carried embeddings) of the last decode step, not taken in yet
         # queue each decode step before taking in the previous one's tokens: on a GPU it overlaps the host
         # work of a step with the next step; a CPU step is done when it returns, so there it would only
         # run one step past each sequence's end
         self.step_ahead = stepper.device.type == "cuda"
         self.embed_graphs = None  # EmbedGraphs once the engine has warmed up (GPU; embed_graphs.py)
+        self.fused = None  # FusedStep once the engine has warmed up (fused_step.py): decode steps carry embeddings
 
     # ---- submission (any thread) ------------------------------------------------------------
     def submit_generation(self, handle: GenerationHandle) -> None:
@@ -210,7 +211,18 @@ class Scheduler(EmbeddingLane):
         rows = [self.rows[s] for s in sorted(self.rows)]
         B = rows[-1].slot + 1
         span = max(r.next_pos for r in rows) + 1
-        if self.stepper.use_graphs:
+        carried = self._take_fused() if self.fused is not None and self.pieces else None
+        embed = None
+        if carried is not None:
+            batch, E, index, mask = carried
+            try:
+                logits, hidden = self.fused.run(B, span, E, lock=self.forward_lock)
+                embed = self._pool_to_host(batch, hidden[index], mask, self.fused.layer, True, kind="fused")
+            except BaseException as exc:
+                self._release_queued(batch)
+                self._fail_embed(batch, exc)
+                raise
+        elif self.stepper.use_graphs:
             logits = self.stepper.step(B, span)
         else:
             with self.forward_lock:
@@ -222,7 +234,7 @@ class Scheduler(EmbeddingLane):
         self.stepper.advance(slots, chosen)
         for row in rows:
             row.next_pos += 1
-        step = (rows, self._host.start(chosen))
+        step = (rows, self._host.start(chosen), embed)
         if self.step_ahead:  # the GPU runs this step while the previous one's text is streamed
             previous, self._inflight = self._inflight, step
             if previous is not None:
@@ -233,8 +245,17 @@ class Scheduler(EmbeddingLane):
         self.metrics.inc("mcr_exit_blocks_executed_total", self.stepper.adapter.n_layers, kind="generation")
 
     def _take_tokens(self, inflight) -> None:
-        rows, copy = inflight
+        rows, copy, embed = inflight
         self._advance(rows, self._host.wait(copy))
+        if embed is not None:
+            self._collect_embed(embed)
+
+    def _drop_inflight(self, exc: BaseException) -> None:
+        """Forget the step in flight; the embedding inputs it carried get ``exc``."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None and inflight[2] is not None:
+            self._release_queued(inflight[2].batch)
+            self._fail_embed(inflight[2].batch, exc)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
         reqs = [r.handle.req for r in rows]
@@ -266,6 +287,9 @@ class Scheduler(EmbeddingLane):
     def _finish(self, row: _Row) -> None:
         row.finished = True
         del self.rows[row.slot]
+        if not self.rows and self.fused is not None:  # the embedding lane takes the fusable inputs again
+            with self.embed_cond:
+                self.embed_cond.notify()
         self.stepper.park([row.slot])
         self.stepper.pool.release(row.slot)
         t, req = row.tracker, row.handle.req
@@ -299,7 +323,7 @@ class Scheduler(EmbeddingLane):
     def _fail_step(self, admitted, exc: BaseException) -> None:
         """A step raised: its new requests and every running sequence get the error."""
         running = [row.handle for row in self.rows.values()]
-        self._inflight = None
+        self._drop_inflight(exc)
         for row in list(self.rows.values()):
             row.finished = True
             del self.rows[row.slot]
@@ -308,6 +332,9 @@ class Scheduler(EmbeddingLane):
             self._error(handle, exc)  # first: the clients hear of it even if the device is gone
         if self.stepper.pool is not None:
             self.stepper.park(list(range(self.stepper.pool.n_slots)))
+        if self.fused is not None:
+            with self.embed_cond:
+                self.embed_cond.notify()
 
     def _shutdown(self) -> None:
         exc = EngineNotReady(self.failure_message() if self.failed is not None else "the server is shutting down")
@@ -315,7 +342,7 @@ class Scheduler(EmbeddingLane):
             waiting, self.waiting = list(self.waiting), deque()
         for handle in waiting:
             self._error(handle, exc)
-        self._inflight = None
+        self._drop_inflight(exc)
         for row in list(self.rows.values()):
             row.finished = True
             del self.rows[row.slot]

@@ -1,0 +1,180 @@
+"""Decode steps that carry embedding inputs (serving/fused_step.py), on the CPU where the fused forward runs
+eagerly (a GPU captures the same forward as a graph):
+
+- one fused forward gives the plain decode step's logits and KV writes, and ``hidden_at``'s hidden[k] for
+  the packed inputs, for every family and for k = 0, a middle layer and L;
+- through the engine, embeddings asked for while sequences generate ride in the decode steps (inputs of
+  another layer, or too long to carry, still go to the embedding lane), their vectors equal ``hidden_at`` +
+  pooling, and the generated tokens still equal transformers ``generate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from mcr_exit.metrics.pooling import pool_hidden
+from mcr_exit.models import from_objects
+from mcr_exit.models.forward import hidden_at
+from mcr_exit.models.tokens import collate
+from mcr_exit.serving import Engine, EngineConfig
+from mcr_exit.serving.engine import eos_ids_of
+from mcr_exit.serving.fused_step import FusedStep
+from mcr_exit.serving.jobs import GenerationRequest
+from tests.serving.conftest import greedy_reference
+from tests.serving.test_generate_equality import make_prompts
+from tests.tiny import FAMILIES, build_tiny_model
+
+PROMPTS = [[1, 5, 7, 9, 11], [1, 4, 4], [1, 8, 9, 10, 3, 2, 6, 12, 13, 14, 15]]  # > Gemma 3's window of 8
+INPUTS = [[1, 3, 5, 7], [1, 2], [1, 9, 8, 7, 6, 5, 4, 3, 2, 11, 12], [1]]
+
+
+def _engine(tokenizer, family, n_layers=4, **config):
+    loaded = from_objects(build_tiny_model(family, len(tokenizer), n_layers=n_layers), tokenizer,
+                          name=f"tiny-{family}")
+    cfg = EngineConfig(warmup=False, max_input_tokens=64, max_new_tokens=64, kv_cache_tokens=12 * 128, **config)
+    return loaded, Engine(loaded, None, cfg, embedding_layer=2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_fused_forward_equals_the_decode_step_and_hidden_at(tokenizer, family):
+    loaded, engine = _engine(tokenizer, family)
+    engine._build_pool()
+    st = engine.stepper
+    slots, next_tokens = [0, 1, 2], torch.tensor([3, 4, 5])
+    L = loaded.n_layers
+    for k in (0, 2, L):
+        with torch.inference_mode():
+            st.prefill(PROMPTS, slots)
+            st.feed(slots, next_tokens, [len(p) for p in PROMPTS])
+            want_logits = st.step(3, 16).clone()
+            want_k = [t.clone() for t in st.pool.k]
+            want_v = [t.clone() for t in st.pool.v]
+            st.prefill(PROMPTS, slots)
+            st.feed(slots, next_tokens, [len(p) for p in PROMPTS])
+            fused = FusedStep(st, layer=k, max_tokens=64, graphs=False)
+            E, index, mask = fused.load(INPUTS)
+            assert E == 64 and index.shape == mask.shape == (4, 11)
+            logits, packed = fused.run(3, 16, E)
+            ids, m = collate(INPUTS, engine.pad_id)
+            want_h = hidden_at(loaded.adapter, ids, m, k)
+        torch.testing.assert_close(logits, want_logits, atol=2e-5, rtol=1e-4)
+        for a, b in zip(st.pool.k + st.pool.v, want_k + want_v):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)  # same KV for the decode rows, none for inputs
+        for r, x in enumerate(INPUTS):
+            torch.testing.assert_close(packed[index[r, : len(x)]], want_h[r, : len(x)], atol=2e-5, rtol=1e-4)
+
+
+def test_packing_fills_the_smallest_bucket_and_marks_each_input(tokenizer):
+    _, engine = _engine(tokenizer, "llama")
+    engine._build_pool()
+    fused = FusedStep(engine.stepper, layer=2, max_tokens=300, graphs=False)
+    assert fused.buckets == [64, 128, 256, 300]
+    assert fused.fits(300) and not fused.fits(301)
+    E, index, mask = fused.load([[5] * 70, [6] * 3])
+    assert E == 128
+    assert index[0, :70].tolist() == list(range(70)) and index[1, :3].tolist() == [70, 71, 72]
+    assert mask.sum(1).tolist() == [70, 3]
+    assert fused.seg[:74].tolist() == [0] * 70 + [1] * 3 + [-1]
+    assert fused.pos[68:74].tolist() == [68, 69, 0, 1, 2, 0]
+
+
+def _slow(monkeypatch, engine, seconds):
+    """Every decode step (plain or fused) takes at least ``seconds``: the sequences are still running when
+    the embeddings arrive."""
+    pause = threading.Event()
+    for obj, name in ((engine.stepper, "step"), (engine.scheduler.fused, "run")):
+        real = getattr(obj, name)
+
+        def slowed(*args, _real=real, **kwargs):
+            pause.wait(seconds)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(obj, name, slowed)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_embeddings_ride_in_decode_steps_and_both_stay_exact(tokenizer, family, monkeypatch):
+    loaded, engine = _engine(tokenizer, family, fuse_embeddings="on", fused_embed_tokens=24)
+    prompts = make_prompts(engine, 12)
+    refs = greedy_reference(loaded, prompts, 40, eos_ids_of(loaded.model, tokenizer))
+    texts = ["A bee lives in a hive.", "3 + 5 = 8", "The quick brown fox jumps over the lazy dog."]
+    long_text = " ".join(["rivers run to the sea"] * 2)  # longer than 24 tokens: not carried
+    assert 24 < len(engine.encode_texts([long_text])[0]) <= 64
+
+    async def run():
+        await engine.astart()
+        _slow(monkeypatch, engine, 0.01)
+        try:
+            gens = [asyncio.ensure_future(engine.generate(GenerationRequest(prompt_ids=p, max_tokens=40,
+                                                                            temperature=0))) for p in prompts]
+            while not engine.scheduler.rows:
+                await asyncio.sleep(0.005)
+            embs = await asyncio.gather(
+                *(engine.embed(engine.encode_texts([t]), pooling=pooling)
+                  for t in texts for pooling in ("mean_no_first", "last")),
+                engine.embed(engine.encode_texts([long_text])),
+                engine.embed(engine.encode_texts(texts[:1]), layer=1))
+            running = bool(engine.scheduler.rows)
+            return await asyncio.gather(*gens), embs, running
+        finally:
+            await engine.astop()
+
+    outs, embs, running = asyncio.run(run())
+    assert running, "the sequences ended before the embeddings were served"
+    assert engine.startup_report["fused_embeddings"].startswith("eager")
+    fused_batches = engine.metrics.get("mcr_exit_batches_total", kind="fused")
+    lane_batches = engine.metrics.get("mcr_exit_batches_total", kind="embedding")
+    assert fused_batches >= 1 and lane_batches >= 2  # the long input and the other layer went to the lane
+    for out, ref in zip(outs, refs):
+        assert out.token_ids == ref[: len(out.token_ids)] and len(out.token_ids) == min(40, len(ref))
+    asked = [(t, p, 2) for t in texts for p in ("mean_no_first", "last")]
+    asked += [(long_text, "mean_no_first", 2), (texts[0], "mean_no_first", 1)]
+    for (text, pooling, k), res in zip(asked, embs):
+        ids, mask = collate(engine.encode_texts([text]), engine.pad_id)
+        want = pool_hidden(hidden_at(loaded.adapter, ids, mask, k), mask, pooling, normalize=True)[0]
+        assert res.layer == k
+        np.testing.assert_allclose(res.vectors[0], want.numpy(), atol=2e-5, rtol=1e-4)
+    assert engine.scheduler.queued_tokens == 0 and engine.stepper.pool.n_used == 0
+
+
+def test_off_and_auto_on_the_cpu_leave_embeddings_to_their_lane(tokenizer):
+    for setting in ("off", "auto"):
+        _, engine = _engine(tokenizer, "llama", fuse_embeddings=setting)
+
+        async def run(engine=engine):
+            await engine.astart()
+            await engine.astop()
+
+        asyncio.run(run())
+        assert engine.scheduler.fused is None and engine.startup_report["fused_embeddings"] == "off"
+
+
+def test_a_fused_forward_through_the_compiled_blocks_equals_the_eager_one(tokenizer):
+    """What a GPU captures: the blocks compiled for the decode steps (torch.compile), called through the
+    fused step's wrappers, with the embedding inputs leaving after block k."""
+    torch._dynamo.reset()
+    loaded, engine = _engine(tokenizer, "gemma3", n_layers=6)  # sliding and full layers: a mask per type
+    engine._build_pool()
+    st = engine.stepper
+    fused = FusedStep(st, layer=3, max_tokens=64, graphs=False)
+
+    def one(inputs):
+        with torch.inference_mode():
+            st.prefill(PROMPTS, [0, 1, 2])
+            st.feed([0, 1, 2], torch.tensor([3, 4, 5]), [len(p) for p in PROMPTS])
+            E, index, mask = fused.load(inputs)
+            logits, packed = fused.run(3, 16, E)
+            return logits.clone(), packed[index].clone(), mask
+
+    eager = [one(INPUTS), one(INPUTS[:2])]
+    st.enable_compile()
+    compiled = [one(INPUTS), one(INPUTS[:2])]
+    for (la, ha, ma), (lb, hb, mb) in zip(eager, compiled):
+        torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hb * mb[..., None], ha * ma[..., None], rtol=1e-4, atol=1e-4)
+    assert all(m._compiled_call_impl is None for m, _ in st.compiled)  # switched off after each step
