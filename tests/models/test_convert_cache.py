@@ -182,3 +182,71 @@ def test_a_load_waits_for_a_tokenizer_being_converted_beside_it(tmp_path):
     t = time.monotonic()
     convert_cache._wait_for_tokenizer(entry, timeout=10)
     assert time.monotonic() - t < 1 and not marker.exists()
+
+
+_CACHED_LOAD = r"""
+import importlib.abc, json, sys, time
+
+class FirstRequest(importlib.abc.MetaPathFinder):  # when each module is first asked for; finds nothing
+    at = {}
+
+    def find_spec(self, name, path=None, target=None):
+        self.at.setdefault(name, time.perf_counter())
+        return None
+
+sys.meta_path.insert(0, FirstRequest())
+import torch
+from mcr_exit.models import load_model
+from mcr_exit.timing import StageTimer
+
+timer = StageTimer()
+with timer.active():
+    loaded = load_model(sys.argv[1])
+print(json.dumps({
+    "modules": sorted(sys.modules),
+    "stages": sorted(timer.stages),
+    "class_module_asked": FirstRequest.at.get(type(loaded.model).__module__),
+    "build_started": timer._started["load_model.build"],
+    "checksum": sum(float(t.double().sum()) for t in loaded.model.state_dict().values()),
+    "ids": loaded.tokenizer("the quick brown fox").input_ids,
+}))
+"""
+
+# What a load from the cache never needs: the GGUF reader and transformers' GGUF integration (a conversion's),
+# and the parts of this package that analyse, serve or track.
+_NOT_FOR_A_CACHED_LOAD = (
+    "gguf", "transformers.modeling_gguf_pytorch_utils", "transformers.integrations.ggml",
+    "mcr_exit.analysis", "mcr_exit.metrics", "mcr_exit.serving", "mcr_exit.data", "mcr_exit.cli",
+    "mcr_exit.evaluation", "mcr_exit.prepare", "mlflow", "matplotlib",
+)
+
+
+def test_a_cached_load_in_a_new_process_imports_only_what_it_reads(tmp_path, tiny_models, tokenizer):
+    """A second load of a GGUF, in a new process, reads the cache entry back: the model class's module is
+    imported before the build (its time counted as imports), nothing that converts a GGUF is imported, and
+    the weights and tokenizer are the entry's."""
+    import subprocess
+    import sys
+
+    from mcr_exit.cache_dir import entry_key
+
+    root = tmp_path / "cache"
+    f = tmp_path / "tiny.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 64)  # never parsed: the entry is there
+    entry = root / "gguf" / entry_key(file_sha256(f, root))
+    model = tiny_models["llama"]
+    convert_cache._save(entry, entry / "float32", tokenizer, model, {"gguf": str(f)})
+
+    env = {**os.environ, "MCR_EXIT_CACHE": str(root)}
+    proc = subprocess.run([sys.executable, "-c", _CACHED_LOAD, str(f)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert "load_model.build" in out["stages"] and "load_model.gguf" not in out["stages"]  # read back
+    assert "transformers.models.llama.modeling_llama" in out["modules"]
+    assert out["class_module_asked"] is not None and out["class_module_asked"] < out["build_started"]
+    loaded = [m for m in out["modules"] if any(m == x or m.startswith(x + ".") for x in _NOT_FOR_A_CACHED_LOAD)]
+    assert loaded == []
+    assert out["checksum"] == sum(float(t.double().sum()) for t in model.state_dict().values())
+    assert out["ids"] == tokenizer("the quick brown fox").input_ids
