@@ -116,7 +116,8 @@ async def engine_in_process(args, loaded, k: int, inputs, prompts) -> dict:
     cfg = EngineConfig(max_input_tokens=args.max_input_tokens, max_new_tokens=args.max_new_tokens,
                        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                        kv_cache_tokens=64 * (args.max_input_tokens + args.max_new_tokens), max_queue=4096,
-                       request_timeout_s=600, embed_cuda_graphs=args.embed_cuda_graphs)
+                       request_timeout_s=600, embed_cuda_graphs=args.embed_cuda_graphs,
+                       fuse_embeddings=args.fuse_embeddings)
     engine = Engine(loaded, None, cfg, embedding_layer=k)
     await engine.astart()
     out = {}
@@ -157,7 +158,7 @@ def start_server(args, k: int, port: int) -> subprocess.Popen:
     if args.kv_cache_memory:
         cmd += ["--kv-cache-memory", str(args.kv_cache_memory)]
     cmd += ["--max-batch-tokens", str(args.max_batch_tokens), "--max-batch-size", str(args.max_batch_size)]
-    cmd += ["--embed-cuda-graphs", args.embed_cuda_graphs]
+    cmd += ["--embed-cuda-graphs", args.embed_cuda_graphs, "--fuse-embeddings", args.fuse_embeddings]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.sample_stacks:
         env["MCR_EXIT_STACK_SAMPLES"] = args.sample_stacks
@@ -183,6 +184,24 @@ async def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> dict:
     raise RuntimeError("the server did not get ready")
 
 
+WORK = ("mcr_exit_batches_total", "mcr_exit_cuda_graph_captures_total", "mcr_exit_cuda_graph_capture_seconds_total")
+
+
+async def server_work(url: str) -> dict:
+    """The server's forward batches by kind, and graphs captured while serving, from its /metrics."""
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(url + "/metrics")).text
+    out = {}
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in WORK:
+            kind = line.split('kind="')[1].split('"')[0] if 'kind="' in line else ""
+            out[f"{name.replace('mcr_exit_', '').replace('_total', '')}:{kind}"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 async def drive(args, url: str, inputs, prompts, proc) -> dict:
     import openai
 
@@ -190,10 +209,13 @@ async def drive(args, url: str, inputs, prompts, proc) -> dict:
     res = {}
     await embed_throughput(client, inputs[:64], clients=8, per_request=8, rounds=1)  # warm the path
     phases = res["phases"] = {}
+    work = res["work"] = {"start": await server_work(url)}
     t = time.time()
     res["embed"] = await embed_throughput(client, inputs, clients=64, per_request=8, rounds=args.embed_rounds)
     phases["embeddings, 64 clients"] = (t, time.time())
+    work["embeddings, 64 clients"] = await server_work(url)
     res["embed_idle"] = await embed_latency(client, inputs, n=args.latency_n)
+    work["single embeddings, idle"] = await server_work(url)
     res["gen"] = {}
     clients = StreamClients(url, args.client_procs)
     try:
@@ -203,14 +225,17 @@ async def drive(args, url: str, inputs, prompts, proc) -> dict:
             res["gen"][n] = await clients.run(prompts[:n], args.max_tokens)
             res["gen"][n]["server_cpu"] = (_cpu_seconds(proc.pid) - s0) / (time.time() - t0)
             phases[f"{n} streams"] = (t0, time.time())
+            work[f"{n} streams"] = await server_work(url)
         most = max(args.stream_counts)
         res["mixed_latency"] = await mixed_embed_latency(client, clients, inputs, prompts[:most], args.latency_n,
                                                          max_tokens=args.max_new_tokens,
                                                          settle_s=2 * res["gen"][most]["ttft_max_s"])
+        work["single embeddings beside streams"] = await server_work(url)
         t = time.time()
         res["gen_under_embed"] = await streams_under_embedding_load(client, clients, prompts[:most], args.max_tokens,
                                                                     inputs, rate=0.5 * res["embed"]["seq_s"])
         phases["streams under embedding load"] = (t, time.time())
+        work["streams under embedding load"] = await server_work(url)
         res["greedy"] = await greedy_texts(client, prompts[: args.check_prompts], args.check_tokens)
         # shutdown with streams open
         streams = asyncio.ensure_future(clients.run(prompts[:most], args.max_new_tokens, tolerate=True))
@@ -299,7 +324,21 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
         f"| SIGINT with {most} streams open -> process exited | {res['shutdown_s']:.2f} s | <= 2 s |",
         "",
     ]
+    lines += work_table(res["work"])
     return "\n".join(x for x in lines if x is not None)
+
+
+def work_table(work: dict) -> list[str]:
+    """What the server ran in each phase (differences of its /metrics counters)."""
+    keys = sorted({k for w in work.values() for k in w})
+    out = ["The server's work in each phase (from its /metrics: forward batches by kind; CUDA graphs captured while "
+           "serving, and the seconds that took):", "", "| phase | " + " | ".join(keys) + " |",
+           "| --- |" + " ---: |" * len(keys)]
+    names = list(work)
+    for prev, name in zip(names, names[1:]):
+        a, b = work[prev], work[name]
+        out.append(f"| {name} | " + " | ".join(f"{b.get(k, 0) - a.get(k, 0):.4g}" for k in keys) + " |")
+    return out + [""]
 
 
 
@@ -336,6 +375,8 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=128)
     p.add_argument("--embed-cuda-graphs", choices=("auto", "on", "off"), default="auto",
                    help="the server's embedding CUDA graphs (EngineConfig.embed_cuda_graphs)")
+    p.add_argument("--fuse-embeddings", choices=("auto", "on", "off"), default="off",
+                   help="decode steps that carry embedding inputs (EngineConfig.fuse_embeddings)")
     p.add_argument("--no-engine", action="store_true", help="Skip the in-process engine rows.")
     p.add_argument("--client-procs", type=int, default=4, help="Client processes the streams are spread over.")
     p.add_argument("--output", default=None)

@@ -100,6 +100,7 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--embed-cuda-graphs", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--fuse-embeddings", choices=("auto", "on", "off"), default="off")
     a = p.parse_args(argv)
     from stack_sampler import start_from_env
 
@@ -114,7 +115,7 @@ def serve(argv: list[str]) -> None:
                        max_running=a.max_running, kv_cache_memory=a.kv_cache_memory,
                        kv_cache_tokens=a.kv_cache_tokens, max_queue=4096,
                        max_inputs=256, cuda_graphs=not a.no_cuda_graphs, request_timeout_s=600,
-                       embed_cuda_graphs=a.embed_cuda_graphs,
+                       embed_cuda_graphs=a.embed_cuda_graphs, fuse_embeddings=a.fuse_embeddings,
                        max_queue_tokens=1 << 24)
     engine = Engine(loaded, None, cfg, embedding_layer=a.layer)
     run_server(create_app(engine, max_body_bytes=64 << 20, served_model_names=("m",)), engine, host="127.0.0.1",

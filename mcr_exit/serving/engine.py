@@ -249,7 +249,7 @@ class Engine(InputEncoding):
 
     def _set_up_fused_steps(self) -> None:
         """Decode steps that carry embedding inputs of layer k (fused_step.py): with ``auto``, where decode
-        steps replay CUDA graphs; with ``on`` also eagerly (the CPU). One eager fused forward compiles its
+        steps replay CUDA graphs; with ``on`` also eagerly (the CPU). Eager fused forwards compile their
         path at warm-up, so that the first graph captured while serving does not wait for the compiler."""
         setting = self.config.fuse_embeddings
         graphs = self.stepper.use_graphs
@@ -261,13 +261,17 @@ class Engine(InputEncoding):
         fused = FusedStep(self.stepper, layer=self.embedding_layer, max_tokens=self.config.fused_embed_tokens,
                           graphs=graphs)
         if self.config.warmup:
-            slot = self.stepper.pool.alloc()
+            # batch sizes 2 and 1: a forward compiled for one size only would compile again for the other
+            # the first time a step of it carries inputs, which on an H200 stalls generation for ~10 s
+            slots = [self.stepper.pool.alloc() for _ in range(min(2, self.stepper.pool.n_slots))]
             try:
-                self.stepper.park([slot])
+                self.stepper.park(slots)
                 fused.load(self.encode_texts(["Warm-up: the quick brown fox."]))
-                fused.forward(1, self.stepper.span_buckets[0], fused.buckets[0])
+                for B in sorted({len(slots), 1}, reverse=True):
+                    fused.forward(B, self.stepper.span_buckets[0], fused.buckets[0])
             finally:
-                self.stepper.pool.release(slot)
+                for slot in slots:
+                    self.stepper.pool.release(slot)
         self.scheduler.fused = fused
         self.startup_report.update(fused_embeddings=f"{'graphs' if graphs else 'eager'}, "
                                                     f"up to {self.config.fused_embed_tokens} tokens a step")

@@ -15,7 +15,7 @@ forward of 1 x (B + E) tokens through transformers' own blocks, where
   k.. run on the B decode rows only (the early exit of ``models.forward``: later blocks never see
   the embedding tokens). With k = L, hidden[L] is the last block's raw output, before the final norm.
 
-E is rounded up to a power of two (at most ``EngineConfig.fused_embed_tokens``); on a GPU each
+E is rounded up to a bucket (64, 256, 1024, .., at most ``EngineConfig.fused_embed_tokens``); on a GPU each
 (batch bucket, span bucket, E) step is captured as a CUDA graph the first time it is needed (at most
 ``MAX_GRAPHS``, least recently used first out; all in the decode graphs' memory pool: one lane replays
 them one at a time). On the CPU the same forward runs eagerly (tests compare it with ``hidden_at`` and
@@ -32,6 +32,7 @@ region (``torch.compiler.disable``), where the layer index may pick the pool's t
 from __future__ import annotations
 
 import functools
+import time
 from collections import OrderedDict
 
 import torch
@@ -42,8 +43,9 @@ from mcr_exit.models.tokens import to_device
 from mcr_exit.serving.model_step import _decode_attention
 
 FUSED_ATTENTION = "mcr_exit_fused"
-MAX_GRAPHS = 24
+MAX_GRAPHS = 64
 MIN_TOKENS = 64
+BUCKET_STEP = 4  # packed-token buckets 64, 256, 1024, ..: few graphs, at most 4x padding
 
 _running: FusedStep | None = None  # the fused forward being run (or captured) now: one lane runs them
 
@@ -128,7 +130,7 @@ class FusedStep:
         b = min(MIN_TOKENS, max_tokens)
         while b < max_tokens:
             self.buckets.append(b)
-            b *= 2
+            b *= BUCKET_STEP
         self.buckets.append(max_tokens)
         dev = stepper.device
         self.ids = torch.zeros(max_tokens, dtype=torch.long, device=dev)
@@ -138,6 +140,7 @@ class FusedStep:
         self.dummy_mask = torch.zeros((1, 1, 1, 1), dtype=stepper.dtype, device=dev)
         self.graphs: OrderedDict[tuple[int, int, int], tuple] = OrderedDict()
         self.captured = 0
+        self.capture_seconds = 0.0
         self.B = self.span = self.N = 0
         self.decode_masks: dict = {}
         self.embed_masks: dict = {}
@@ -258,10 +261,12 @@ class FusedStep:
         if entry is None:
             while len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.popitem(last=False)
+            t0 = time.perf_counter()
             with lock if lock is not None else _nolock():
                 self.forward(Bb, sb, E)  # compilation and lazy initializations, outside the capture
                 graph, out = capture(self.forward, (Bb, sb, E), pool=st.graph_pool)
             self.captured += 1
+            self.capture_seconds += time.perf_counter() - t0
             entry = self.graphs[key] = (graph, out)
         else:
             self.graphs.move_to_end(key)

@@ -35,7 +35,7 @@ def test_a_replayed_fused_step_equals_the_decode_graph_and_hidden_at(family, tok
     from mcr_exit.models.tokens import collate
 
     loaded = from_objects(build_tiny_model(family, len(tokenizer), n_layers=4).cuda(), tokenizer)
-    engine = _engine(loaded)
+    engine = _engine(loaded, fuse_embeddings="auto")
 
     async def start():
         await engine.astart()
@@ -91,9 +91,7 @@ def test_the_engine_carries_embeddings_in_decode_graphs(family, tokenizer):
                                                                                 temperature=0))) for i in ids]
                 while not engine.scheduler.rows:
                     await asyncio.sleep(0.001)
-                embs = []
-                for _ in range(20):  # one after another while the sequences run
-                    embs.append(await engine.embed(engine.encode_texts(TEXTS)))
+                embs = await asyncio.gather(*(engine.embed(engine.encode_texts(TEXTS)) for _ in range(20)))
                 running = bool(engine.scheduler.rows)
                 return [g.token_ids for g in await asyncio.gather(*gens)], embs, running
             finally:

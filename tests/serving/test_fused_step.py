@@ -11,6 +11,7 @@ eagerly (a GPU captures the same forward as a graph):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import numpy as np
@@ -73,10 +74,10 @@ def test_packing_fills_the_smallest_bucket_and_marks_each_input(tokenizer):
     _, engine = _engine(tokenizer, "llama")
     engine._build_pool()
     fused = FusedStep(engine.stepper, layer=2, max_tokens=300, graphs=False)
-    assert fused.buckets == [64, 128, 256, 300]
+    assert fused.buckets == [64, 256, 300]
     assert fused.fits(300) and not fused.fits(301)
     E, index, mask = fused.load([[5] * 70, [6] * 3])
-    assert E == 128
+    assert E == 256
     assert index[0, :70].tolist() == list(range(70)) and index[1, :3].tolist() == [70, 71, 72]
     assert mask.sum(1).tolist() == [70, 3]
     assert fused.seg[:74].tolist() == [0] * 70 + [1] * 3 + [-1]
@@ -142,9 +143,9 @@ def test_embeddings_ride_in_decode_steps_and_both_stay_exact(tokenizer, family, 
     assert engine.scheduler.queued_tokens == 0 and engine.stepper.pool.n_used == 0
 
 
-def test_off_and_auto_on_the_cpu_leave_embeddings_to_their_lane(tokenizer):
-    for setting in ("off", "auto"):
-        _, engine = _engine(tokenizer, "llama", fuse_embeddings=setting)
+def test_off_the_default_and_auto_on_the_cpu_leave_embeddings_to_their_lane(tokenizer):
+    for setting in ({"fuse_embeddings": "off"}, {}, {"fuse_embeddings": "auto"}):
+        _, engine = _engine(tokenizer, "llama", **setting)
 
         async def run(engine=engine):
             await engine.astart()
@@ -156,24 +157,35 @@ def test_off_and_auto_on_the_cpu_leave_embeddings_to_their_lane(tokenizer):
 
 def test_a_fused_forward_through_the_compiled_blocks_equals_the_eager_one(tokenizer):
     """What a GPU captures: the blocks compiled for the decode steps (torch.compile), called through the
-    fused step's wrappers, with the embedding inputs leaving after block k."""
+    fused step's wrappers, with the embedding inputs leaving after block k. The engine's warm-up compiles
+    the fused path for every batch size: later steps of other sizes and spans compile nothing more."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
-    loaded, engine = _engine(tokenizer, "gemma3", n_layers=6)  # sliding and full layers: a mask per type
+    loaded, engine = _engine(tokenizer, "gemma3", n_layers=6, fuse_embeddings="on")  # sliding and full layers
     engine._build_pool()
     st = engine.stepper
-    fused = FusedStep(st, layer=3, max_tokens=64, graphs=False)
+    eager_fused = FusedStep(st, layer=2, max_tokens=1024, graphs=False)
 
-    def one(inputs):
+    def one(fused, B, inputs, span=16):
         with torch.inference_mode():
             st.prefill(PROMPTS, [0, 1, 2])
             st.feed([0, 1, 2], torch.tensor([3, 4, 5]), [len(p) for p in PROMPTS])
             E, index, mask = fused.load(inputs)
-            logits, packed = fused.run(3, 16, E)
+            logits, packed = fused.run(B, span, E)
             return logits.clone(), packed[index].clone(), mask
 
-    eager = [one(INPUTS), one(INPUTS[:2])]
+    cases = [(3, INPUTS, 16), (2, INPUTS[:2], 16), (3, [INPUTS[2]] * 30, 64), (1, INPUTS[1:], 32)]
+    eager = [one(eager_fused, *c) for c in cases]
     st.enable_compile()
-    compiled = [one(INPUTS), one(INPUTS[:2])]
+    engine.config = dataclasses.replace(engine.config, warmup=True)
+    with torch.inference_mode():
+        engine._set_up_fused_steps()  # its warm-up compiles the fused path
+    fused = engine.scheduler.fused
+    assert fused.layer == 2 and fused.buckets == [64, 256, 1024]
+    compiled_at_warm_up = dict(counters["stats"])
+    compiled = [one(fused, *c) for c in cases]
+    assert dict(counters["stats"]) == compiled_at_warm_up, "a fused step compiled again after the warm-up"
     for (la, ha, ma), (lb, hb, mb) in zip(eager, compiled):
         torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(hb * mb[..., None], ha * ma[..., None], rtol=1e-4, atol=1e-4)
