@@ -91,20 +91,28 @@ class EmbedJob:
         return sum(len(x) for x in self.ids)
 
 
+def _live(pieces: deque, dropped: list[int]):
+    """Take waiting inputs from the front of ``pieces`` as the caller asks for them, skipping (and counting
+    the tokens of) those whose job was cancelled, is done, or is past its deadline (it gets RequestTimeout)."""
+    now = time.monotonic()
+    while pieces:
+        job, i = pieces.popleft()
+        if job.cancelled.is_set() or job.future.done() or now > job.deadline:
+            dropped[0] += len(job.ids[i])
+            if not job.future.done():
+                job.future.set_exception(RequestTimeout("the embedding request timed out in the queue"))
+            continue
+        yield job, i
+
+
 def take_embed_batch(pieces: deque, *, max_batch_size: int, max_batch_tokens: int
                      ) -> tuple[list[tuple[EmbedJob, int]], deque, int]:
     """One batch of waiting embedding inputs ``(job, index)``: one layer, in arrival order, within the row
     and padded-token budgets. Inputs of jobs cancelled, done or past their deadline are dropped (a job past
     its deadline gets RequestTimeout). Returns (batch, the inputs left waiting, tokens dropped)."""
-    batch, kept, longest, layer, dropped, now = [], deque(), 0, None, 0, time.monotonic()
-    while pieces:
-        job, i = pieces.popleft()
+    batch, kept, longest, layer, dropped = [], deque(), 0, None, [0]
+    for job, i in _live(pieces, dropped):
         n = len(job.ids[i])
-        if job.cancelled.is_set() or job.future.done() or now > job.deadline:
-            dropped += n
-            if not job.future.done():
-                job.future.set_exception(RequestTimeout("the embedding request timed out in the queue"))
-            continue
         fits = (layer in (None, job.layer) and len(batch) < max_batch_size
                 and max(longest, n) * (len(batch) + 1) <= max_batch_tokens)
         if fits or not batch:
@@ -115,7 +123,7 @@ def take_embed_batch(pieces: deque, *, max_batch_size: int, max_batch_tokens: in
             if len(batch) >= max_batch_size:
                 break
     kept.extend(pieces)
-    return batch, kept, dropped
+    return batch, kept, dropped[0]
 
 
 def take_packed(pieces: deque, *, fits, max_tokens: int, max_rows: int
@@ -124,15 +132,9 @@ def take_packed(pieces: deque, *, fits, max_tokens: int, max_rows: int
     their tokens together stay within ``max_tokens`` (packed one after another: no padding) and they are at
     most ``max_rows``; every other input keeps its place. Inputs of jobs cancelled, done or past their deadline
     are dropped as in ``take_embed_batch``. Returns (batch, the inputs left waiting, tokens dropped)."""
-    batch, kept, total, dropped, now = [], deque(), 0, 0, time.monotonic()
-    while pieces:
-        job, i = pieces.popleft()
+    batch, kept, total, dropped = [], deque(), 0, [0]
+    for job, i in _live(pieces, dropped):
         n = len(job.ids[i])
-        if job.cancelled.is_set() or job.future.done() or now > job.deadline:
-            dropped += n
-            if not job.future.done():
-                job.future.set_exception(RequestTimeout("the embedding request timed out in the queue"))
-            continue
         if fits(job, i) and total + n <= max_tokens and len(batch) < max_rows:
             batch.append((job, i))
             total += n
@@ -141,4 +143,4 @@ def take_packed(pieces: deque, *, fits, max_tokens: int, max_rows: int
             if total >= max_tokens or len(batch) >= max_rows:
                 break
     kept.extend(pieces)
-    return batch, kept, dropped
+    return batch, kept, dropped[0]
