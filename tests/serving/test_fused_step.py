@@ -190,3 +190,46 @@ def test_a_fused_forward_through_the_compiled_blocks_equals_the_eager_one(tokeni
         torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(hb * mb[..., None], ha * ma[..., None], rtol=1e-4, atol=1e-4)
     assert all(m._compiled_call_impl is None for m, _ in st.compiled)  # switched off after each step
+
+
+def test_a_fused_step_that_fails_fails_its_embeddings_and_sequences_and_serving_goes_on(tokenizer, monkeypatch):
+    loaded, engine = _engine(tokenizer, "llama", fuse_embeddings="on")
+    texts = ["A bee lives in a hive.", "3 + 5 = 8"]
+
+    async def run():
+        await engine.astart()
+        _slow(monkeypatch, engine, 0.01)
+        fused, real = engine.scheduler.fused, engine.scheduler.fused.run
+        calls = []
+
+        def broken(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("a device error in a fused step")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(fused, "run", broken)
+        try:
+            prompt = engine.encode_texts(["Rivers flow into the sea"])[0]
+            gen = asyncio.ensure_future(engine.generate(GenerationRequest(prompt_ids=prompt, max_tokens=40,
+                                                                          temperature=0)))
+            while not engine.scheduler.rows:
+                await asyncio.sleep(0.005)
+            first = await asyncio.gather(engine.embed(engine.encode_texts(texts)), return_exceptions=True)
+            gen_result = await asyncio.gather(gen, return_exceptions=True)
+            # serving goes on: a new sequence, and embeddings carried by its decode steps
+            gen2 = asyncio.ensure_future(engine.generate(GenerationRequest(prompt_ids=prompt, max_tokens=40,
+                                                                           temperature=0)))
+            while not engine.scheduler.rows:
+                await asyncio.sleep(0.005)
+            again = await engine.embed(engine.encode_texts(texts))
+            return first[0], gen_result[0], again, await gen2
+        finally:
+            await engine.astop()
+
+    first, gen_result, again, out = asyncio.run(run())
+    assert isinstance(first, RuntimeError) and "fused step" in str(first)
+    assert isinstance(gen_result, RuntimeError)
+    assert again.vectors.shape == (2, loaded.model.config.hidden_size) and len(out.token_ids) > 0
+    assert engine.metrics.get("mcr_exit_batches_total", kind="fused") >= 1
+    assert engine.scheduler.queued_tokens == 0 and engine.stepper.pool.n_used == 0
