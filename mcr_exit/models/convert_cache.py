@@ -212,10 +212,10 @@ def _import_model_module(dtype_dir: Path) -> None:
 def _load_entry(entry: Path, dtype_dir: Path, model_kwargs: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with stage("load_model.imports"):
-        _import_model_module(dtype_dir)
     with stage("load_model.tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(str(entry / "tokenizer"))
+    with stage("load_model.imports"):
+        _import_model_module(dtype_dir)
     with stage("load_model.build"):  # safetensors read + model build
         lm = AutoModelForCausalLM.from_pretrained(str(dtype_dir), **model_kwargs)
     return tokenizer, lm

@@ -69,6 +69,38 @@ def test_local_folder_loads(tiny_llama_dir):
     assert loaded.spec.source == "folder" and loaded.n_layers == 3 and loaded.adapter.family == "llama"
 
 
+def test_the_cycle_collector_is_paused_during_a_load_and_restored_after(tiny_llama_dir, tmp_path, monkeypatch):
+    """The cycle collector is off while transformers builds the model (its automatic collections would
+    walk the just-imported modules again and free nothing), on again afterwards, also after a load that
+    failed, and left off for a caller that had turned it off."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    enabled_in_build = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        enabled_in_build.append(gc.isenabled())
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(recording))
+    assert gc.isenabled()
+    loaded = load_model(str(tiny_llama_dir))
+    assert enabled_in_build == [False] and gc.isenabled() and loaded.n_layers == 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError):
+        load_model(str(tmp_path / "empty"))  # fails inside the load, in transformers
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load_model(str(tiny_llama_dir))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert enabled_in_build[-1] is False
+
+
 def test_loading_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_model(str(tmp_path / "nope"))
