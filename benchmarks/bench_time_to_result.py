@@ -21,6 +21,13 @@ The analyze rows run with ``--verbose``; their time by stage is printed below th
 the built-in corpus (the default command); ``--long-prompts N`` instead writes N prompts of at least
 ``--prompt-tokens`` tokens, each the built-in texts joined from a different start, truncated by
 ``--max-length``. ``--model`` takes a .gguf file (default: the built-in SmolLM2 GGUF).
+
+Python's bytecode: an installed package has it, so imports read compiled ``.pyc`` files. An environment
+that sets ``PYTHONDONTWRITEBYTECODE`` over packages shipped without ``__pycache__`` compiles torch,
+sympy and transformers from source in every new process, seconds a user of a normal install never waits.
+The report says which case it measured; ``--pycache-prefix DIR`` measures with bytecode there (every
+child gets ``PYTHONPYCACHEPREFIX=DIR`` without ``PYTHONDONTWRITEBYTECODE``, after one process that
+imports the load path and the analysis to fill it).
 """
 
 from __future__ import annotations
@@ -176,6 +183,21 @@ def forward_rows(args, dtype, data, env, py, rows) -> None:
     rows.append(("  warm (fastest of 3)", fw["warm_s"], ""))
 
 
+def bytecode_note(env: dict) -> str:
+    """Whether the children import from bytecode (see the module's description)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    shipped = spec is not None and (Path(spec.origin).parent / "__pycache__").is_dir()
+    if env.get("PYTHONPYCACHEPREFIX"):
+        return f"Bytecode: read and written under PYTHONPYCACHEPREFIX ({env['PYTHONPYCACHEPREFIX']})."
+    if env.get("PYTHONDONTWRITEBYTECODE") and not shipped:
+        return ("Bytecode: NOT available - PYTHONDONTWRITEBYTECODE is set and torch ships without __pycache__, so "
+                "every process compiles torch, sympy and transformers from source (`--pycache-prefix` measures "
+                "with bytecode, as a normal install has it).")
+    return f"Bytecode: {'shipped with torch' if shipped else 'written on first import'}."
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -195,6 +217,9 @@ def main() -> None:
     ap.add_argument("--compare-with", default=None, metavar="DIR",
                     help="also time `analyze` (first and second run) from another source tree of mcr-exit, e.g. "
                          "`git archive <commit> | tar -x -C DIR` of the version before")
+    ap.add_argument("--pycache-prefix", default=None, metavar="DIR",
+                    help="children write and read bytecode under DIR (PYTHONPYCACHEPREFIX), filled by one process "
+                         "first: for environments that do not write bytecode (see above)")
     args = ap.parse_args()
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mcr-ttr-"))
@@ -202,7 +227,14 @@ def main() -> None:
     env = dict(os.environ, MCR_EXIT_CACHE=str(work / "cache"), TRITON_CACHE_DIR=str(work / "triton"),
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
                BENCH_CWD=str(work), PYTHONUNBUFFERED="1", MCR_EXIT_WARM="1", MCR_EXIT_WARM_DIR=str(work / "warm"))
+    if args.pycache_prefix:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(Path(args.pycache_prefix).resolve())
     py = [sys.executable]
+    if args.pycache_prefix:
+        run(py + ["-c", "import mcr_exit.cli.analyze, mcr_exit.analysis.run, mcr_exit.analysis.plots, mcr_exit.models.loading, "
+                  "transformers.models.llama.modeling_llama, transformers.models.auto.tokenization_auto"],
+            env, "bytecode")
     sys.path.insert(0, str(ROOT))
     from mcr_exit.models.loading import default_model_file, resolve_dtype
 
@@ -269,6 +301,7 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - the report names what it can
         gpu, versions = "", ""
     load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    bytecode = bytecode_note(env)
     lines = [
         f"# Time to first result, {args.device} ({gpu or platform.processor() or platform.machine()})",
         "",
@@ -276,6 +309,8 @@ def main() -> None:
         f"Python {platform.python_version()}, {versions}; model {Path(model).name}, dtype {dtype}; "
         f"data {Path(data).name if data else 'the built-in corpus'}; "
         f"{'MLflow to a fresh sqlite store' if args.mlflow else '--no-mlflow'}.",
+        "",
+        bytecode,
         "",
         "Command: `python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) + "`",
         "",
