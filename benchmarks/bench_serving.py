@@ -41,7 +41,9 @@ from serving_workloads import (  # noqa: E402
     greedy_texts,
     StreamClients,
     mixed_embed_latency,
+    server_work,
     streams_under_embedding_load,
+    work_table,
 )
 
 
@@ -184,24 +186,6 @@ async def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> dict:
     raise RuntimeError("the server did not get ready")
 
 
-WORK = ("mcr_exit_batches_total", "mcr_exit_cuda_graph_captures_total", "mcr_exit_cuda_graph_capture_seconds_total")
-
-
-async def server_work(url: str) -> dict:
-    """The server's forward batches by kind, and graphs captured while serving, from its /metrics."""
-    import httpx
-
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(url + "/metrics")).text
-    out = {}
-    for line in text.splitlines():
-        name = line.split("{")[0].split(" ")[0]
-        if name in WORK:
-            kind = line.split('kind="')[1].split('"')[0] if 'kind="' in line else ""
-            out[f"{name.replace('mcr_exit_', '').replace('_total', '')}:{kind}"] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
 async def drive(args, url: str, inputs, prompts, proc) -> dict:
     import openai
 
@@ -326,19 +310,6 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
     ]
     lines += work_table(res["work"])
     return "\n".join(x for x in lines if x is not None)
-
-
-def work_table(work: dict) -> list[str]:
-    """What the server ran in each phase (differences of its /metrics counters)."""
-    keys = sorted({k for w in work.values() for k in w})
-    out = ["The server's work in each phase (from its /metrics: forward batches by kind; CUDA graphs captured while "
-           "serving, and the seconds that took):", "", "| phase | " + " | ".join(keys) + " |",
-           "| --- |" + " ---: |" * len(keys)]
-    names = list(work)
-    for prev, name in zip(names, names[1:]):
-        a, b = work[prev], work[name]
-        out.append(f"| {name} | " + " | ".join(f"{b.get(k, 0) - a.get(k, 0):.4g}" for k in keys) + " |")
-    return out + [""]
 
 
 

@@ -185,3 +185,34 @@ class StreamClients:
         return {"tok_s": tokens / wall, "tokens": tokens, "ttft_p50_s": _pct(first, 0.5) if first else None,
                 "ttft_max_s": max(first) if first else None, "wall_s": wall, "start_at": start_at, "ends": ends,
                 "client_cpu": sum(o["cpu_s"] for o in outs) / wall, "client_procs": n_proc}
+
+
+WORK = ("mcr_exit_batches_total", "mcr_exit_cuda_graph_captures_total", "mcr_exit_cuda_graph_capture_seconds_total")
+
+
+async def server_work(url: str) -> dict:
+    """The server's forward batches by kind, and graphs captured while serving, from its /metrics."""
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(url + "/metrics")).text
+    out = {}
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in WORK:
+            kind = line.split('kind="')[1].split('"')[0] if 'kind="' in line else ""
+            out[f"{name.replace('mcr_exit_', '').replace('_total', '')}:{kind}"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def work_table(work: dict) -> list[str]:
+    """What the server ran in each phase (differences of its /metrics counters)."""
+    keys = sorted({k for w in work.values() for k in w})
+    out = ["The server's work in each phase (from its /metrics: forward batches by kind; CUDA graphs captured while "
+           "serving, and the seconds that took):", "", "| phase | " + " | ".join(keys) + " |",
+           "| --- |" + " ---: |" * len(keys)]
+    names = list(work)
+    for prev, name in zip(names, names[1:]):
+        a, b = work[prev], work[name]
+        out.append(f"| {name} | " + " | ".join(f"{b.get(k, 0) - a.get(k, 0):.4g}" for k in keys) + " |")
+    return out + [""]
