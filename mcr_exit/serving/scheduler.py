@@ -4,7 +4,9 @@ The generation lane (one thread) loops over steps: admit waiting requests into f
 prefill them (one batch within a token budget), then one decode step for every running sequence (a
 CUDA graph replay on GPUs), then hand the step's new text to the callers' event loops in one call
 per loop. The embedding lane (a second thread, its own CUDA stream; ``embedding_lane.py``) runs
-embedding inputs in batches within a token budget, each stopping at its layer k.
+embedding inputs in batches within a token budget, each stopping at its layer k. With fused steps on
+(``fused_step.py``), while sequences generate a decode step carries the waiting inputs of the served layer
+instead, and the embedding lane runs only the others.
 
 Every eager forward (embedding batch, prefill, eager decode) holds ``forward_lock``, a FIFO lock:
 the early-exit hooks live on the shared blocks, so two eager forwards must never interleave, and the
@@ -214,19 +216,7 @@ class Scheduler(EmbeddingLane):
         carried = self._take_fused() if self.fused is not None and self.pieces else None
         embed = None
         if carried is not None:
-            batch, E, index, mask = carried
-            try:
-                captured, seconds = self.fused.captured, self.fused.capture_seconds
-                logits, hidden = self.fused.run(B, span, E, lock=self.forward_lock)
-                if self.fused.captured > captured:
-                    self.metrics.inc("mcr_exit_cuda_graph_captures_total", kind="fused")
-                    self.metrics.inc("mcr_exit_cuda_graph_capture_seconds_total", self.fused.capture_seconds - seconds,
-                                     kind="fused")
-                embed = self._pool_to_host(batch, hidden[index], mask, self.fused.layer, True, kind="fused")
-            except BaseException as exc:
-                self._release_queued(batch)
-                self._fail_embed(batch, exc)
-                raise
+            logits, embed = self._fused_step(B, span, carried)
         elif self.stepper.use_graphs:
             logits = self.stepper.step(B, span)
         else:
@@ -248,6 +238,22 @@ class Scheduler(EmbeddingLane):
             self._take_tokens(step)
         self.metrics.inc("mcr_exit_batches_total", kind="decode")
         self.metrics.inc("mcr_exit_blocks_executed_total", self.stepper.adapter.n_layers, kind="generation")
+
+    def _fused_step(self, B: int, span: int, carried) -> tuple:
+        """A decode step that carries embedding inputs (``_take_fused``): (logits, their vectors on the way)."""
+        batch, E, index, mask = carried
+        try:
+            captured, seconds = self.fused.captured, self.fused.capture_seconds
+            logits, hidden = self.fused.run(B, span, E, lock=self.forward_lock)
+            if self.fused.captured > captured:
+                self.metrics.inc("mcr_exit_cuda_graph_captures_total", kind="fused")
+                self.metrics.inc("mcr_exit_cuda_graph_capture_seconds_total", self.fused.capture_seconds - seconds,
+                                 kind="fused")
+            return logits, self._pool_to_host(batch, hidden[index], mask, self.fused.layer, True, kind="fused")
+        except BaseException as exc:
+            self._release_queued(batch)
+            self._fail_embed(batch, exc)
+            raise
 
     def _take_tokens(self, inflight) -> None:
         rows, copy, embed = inflight
