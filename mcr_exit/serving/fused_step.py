@@ -32,9 +32,11 @@ region (``torch.compiler.disable``), where the layer index may pick the pool's t
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -156,27 +158,25 @@ class FusedStep:
     def load(self, inputs: list[list[int]]) -> tuple[int, torch.Tensor, torch.Tensor]:
         """Pack ``inputs`` into the static buffers. Returns (E bucket, (R, T) index of each input's tokens
         in the packed hidden states, (R, T) 0/1 mask), both on the device."""
-        total = sum(len(x) for x in inputs)
+        lengths = np.fromiter((len(x) for x in inputs), dtype=np.int64, count=len(inputs))
+        total, T = int(lengths.sum()), int(lengths.max())
         E = self.bucket(total)
-        ids = torch.zeros(E, dtype=torch.long)
-        pos = torch.zeros(E, dtype=torch.long)
-        seg = torch.full((E,), -1, dtype=torch.long)
-        T = max(len(x) for x in inputs)
-        index = torch.zeros((len(inputs), T), dtype=torch.long)
-        mask = torch.zeros((len(inputs), T), dtype=torch.long)
-        at = 0
-        for r, x in enumerate(inputs):
-            n = len(x)
-            ids[at: at + n] = torch.tensor(x, dtype=torch.long)
-            pos[at: at + n] = torch.arange(n)
-            seg[at: at + n] = r
-            index[r, :n] = torch.arange(at, at + n)
-            mask[r, :n] = 1
-            at += n
-        self.ids[:E].copy_(to_device(ids, self.stepper.device))
-        self.pos[:E].copy_(to_device(pos, self.stepper.device))
-        self.seg[:E].copy_(to_device(seg, self.stepper.device))
-        return E, to_device(index, self.stepper.device), to_device(mask, self.stepper.device)
+        starts = np.cumsum(lengths) - lengths
+        ids = np.zeros(E, dtype=np.int64)
+        pos = np.zeros(E, dtype=np.int64)
+        seg = np.full(E, -1, dtype=np.int64)
+        ids[:total] = np.fromiter(itertools.chain.from_iterable(inputs), dtype=np.int64, count=total)
+        pos[:total] = np.arange(total) - np.repeat(starts, lengths)
+        seg[:total] = np.repeat(np.arange(len(inputs)), lengths)
+        offsets = np.arange(T)[None, :]
+        mask = offsets < lengths[:, None]
+        index = np.where(mask, starts[:, None] + offsets, 0)
+        dev = self.stepper.device
+        packed = to_device(torch.from_numpy(np.stack([ids, pos, seg])), dev)
+        self.ids[:E].copy_(packed[0])
+        self.pos[:E].copy_(packed[1])
+        self.seg[:E].copy_(packed[2])
+        return E, to_device(torch.from_numpy(index), dev), to_device(torch.from_numpy(mask.astype(np.int64)), dev)
 
     # ---- the forward --------------------------------------------------------------------------
     def _embed_masks(self, E: int) -> dict:
