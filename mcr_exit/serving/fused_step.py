@@ -35,6 +35,7 @@ import functools
 import itertools
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -253,7 +254,7 @@ class FusedStep:
         (holding ``lock``: it runs module code)."""
         st = self.stepper
         if not self.use_graphs:
-            with lock if lock is not None else _nolock():
+            with lock if lock is not None else nullcontext():
                 return self.forward(B, span, E)
         Bb, sb = st._bucket(B, st.batch_buckets), st._bucket(span, st.span_buckets)
         key = (Bb, sb, E)
@@ -262,7 +263,7 @@ class FusedStep:
             while len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.popitem(last=False)
             t0 = time.perf_counter()
-            with lock if lock is not None else _nolock():
+            with lock if lock is not None else nullcontext():
                 self.forward(Bb, sb, E)  # compilation and lazy initializations, outside the capture
                 graph, out = capture(self.forward, (Bb, sb, E), pool=st.graph_pool)
             self.captured += 1
@@ -273,11 +274,3 @@ class FusedStep:
         graph, (logits, hidden) = entry
         graph.replay()
         return logits[:B], hidden
-
-
-class _nolock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
