@@ -119,7 +119,7 @@ async def engine_in_process(args, loaded, k: int, inputs, prompts) -> dict:
                        max_batch_tokens=args.max_batch_tokens, max_batch_size=args.max_batch_size,
                        kv_cache_tokens=64 * (args.max_input_tokens + args.max_new_tokens), max_queue=4096,
                        request_timeout_s=600, embed_cuda_graphs=args.embed_cuda_graphs,
-                       fuse_embeddings=args.fuse_embeddings)
+                       fuse_embeddings=args.fuse_embeddings, fused_embed_tokens=args.fused_embed_tokens)
     engine = Engine(loaded, None, cfg, embedding_layer=k)
     await engine.astart()
     out = {}
@@ -160,7 +160,8 @@ def start_server(args, k: int, port: int) -> subprocess.Popen:
     if args.kv_cache_memory:
         cmd += ["--kv-cache-memory", str(args.kv_cache_memory)]
     cmd += ["--max-batch-tokens", str(args.max_batch_tokens), "--max-batch-size", str(args.max_batch_size)]
-    cmd += ["--embed-cuda-graphs", args.embed_cuda_graphs, "--fuse-embeddings", args.fuse_embeddings]
+    cmd += ["--embed-cuda-graphs", args.embed_cuda_graphs, "--fuse-embeddings", args.fuse_embeddings,
+            "--fused-embed-tokens", str(args.fused_embed_tokens)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.sample_stacks:
         env["MCR_EXIT_STACK_SAMPLES"] = args.sample_stacks
@@ -348,6 +349,8 @@ def main() -> None:
                    help="the server's embedding CUDA graphs (EngineConfig.embed_cuda_graphs)")
     p.add_argument("--fuse-embeddings", choices=("auto", "on", "off"), default="off",
                    help="decode steps that carry embedding inputs (EngineConfig.fuse_embeddings)")
+    p.add_argument("--fused-embed-tokens", type=int, default=1024,
+                   help="packed embedding tokens a fused step carries at most (EngineConfig.fused_embed_tokens)")
     p.add_argument("--no-engine", action="store_true", help="Skip the in-process engine rows.")
     p.add_argument("--client-procs", type=int, default=4, help="Client processes the streams are spread over.")
     p.add_argument("--output", default=None)

@@ -25,9 +25,13 @@ the built-in corpus (the default command); ``--long-prompts N`` instead writes N
 Python's bytecode: an installed package has it, so imports read compiled ``.pyc`` files. An environment
 that sets ``PYTHONDONTWRITEBYTECODE`` over packages shipped without ``__pycache__`` compiles torch,
 sympy and transformers from source in every new process, seconds a user of a normal install never waits.
-The report says which case it measured; ``--pycache-prefix DIR`` measures with bytecode there (every
-child gets ``PYTHONPYCACHEPREFIX=DIR`` without ``PYTHONDONTWRITEBYTECODE``, after one process that
-imports the load path and the analysis to fill it).
+There ``mcr-exit`` keeps the bytecode under its cache folder (``mcr_exit/bytecode.py``): the first run,
+with an empty cache, compiles and writes it; every later process reads it. The report says which case it
+measured, and in that case adds a row: the first run again with only the bytecode kept (model and Triton
+caches emptied), the first run of a user whose install has its bytecode. ``--pycache-prefix DIR``
+measures with bytecode in DIR from the start instead (every child gets ``PYTHONPYCACHEPREFIX=DIR``
+without ``PYTHONDONTWRITEBYTECODE``, after one process that imports the load path and the analysis to
+fill it).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -183,19 +188,41 @@ def forward_rows(args, dtype, data, env, py, rows) -> None:
     rows.append(("  warm (fastest of 3)", fw["warm_s"], ""))
 
 
-def bytecode_note(env: dict) -> str:
-    """Whether the children import from bytecode (see the module's description)."""
+def kept_by_mcr_exit(env: dict) -> bool:
+    """Whether the children's bytecode is kept by ``mcr_exit.bytecode`` (see the module's description)."""
     import importlib.util
 
     spec = importlib.util.find_spec("torch")
     shipped = spec is not None and (Path(spec.origin).parent / "__pycache__").is_dir()
+    setting = env.get("MCR_EXIT_BYTECODE", "").lower()
+    return (bool(env.get("PYTHONDONTWRITEBYTECODE")) and not env.get("PYTHONPYCACHEPREFIX")
+            and (setting == "on" or (not shipped and setting not in ("off", "0", "none", "false", "no"))))
+
+
+def bytecode_note(env: dict) -> str:
+    """Whether the children import from bytecode (see the module's description)."""
     if env.get("PYTHONPYCACHEPREFIX"):
         return f"Bytecode: read and written under PYTHONPYCACHEPREFIX ({env['PYTHONPYCACHEPREFIX']})."
-    if env.get("PYTHONDONTWRITEBYTECODE") and not shipped:
-        return ("Bytecode: NOT available - PYTHONDONTWRITEBYTECODE is set and torch ships without __pycache__, so "
-                "every process compiles torch, sympy and transformers from source (`--pycache-prefix` measures "
-                "with bytecode, as a normal install has it).")
-    return f"Bytecode: {'shipped with torch' if shipped else 'written on first import'}."
+    if kept_by_mcr_exit(env):
+        why = "MCR_EXIT_BYTECODE=on" if env.get("MCR_EXIT_BYTECODE", "").lower() == "on" else \
+            "torch ships without __pycache__"
+        return (f"Bytecode: PYTHONDONTWRITEBYTECODE is set and {why}; mcr-exit keeps it "
+                "under its cache folder (mcr_exit/bytecode.py), so the first run compiles torch, sympy and "
+                "transformers from source and writes their bytecode there, and later processes read it.")
+    if env.get("PYTHONDONTWRITEBYTECODE") and env.get("MCR_EXIT_BYTECODE"):
+        return ("Bytecode: NOT kept (`MCR_EXIT_BYTECODE` off): every process compiles from source what ships "
+                "without __pycache__.")
+    return "Bytecode: shipped with the packages."
+
+
+def first_run_with_bytecode(work: Path, analyze) -> None:
+    """The first run again, with mcr-exit's model cache and Triton's cache emptied and only the Python
+    bytecode kept (``<cache>/pycache``)."""
+    for entry in (work / "cache").iterdir():
+        if entry.name != "pycache":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    shutil.rmtree(work / "triton", ignore_errors=True)
+    analyze("`analyze`, first run with the bytecode kept (model and Triton caches emptied again)")
 
 
 def main() -> None:
@@ -290,6 +317,9 @@ def main() -> None:
     if not args.skip_transformers_load:
         step("GGUF through transformers' loader", lambda: transformers_rows(args, model, dtype, env, py, rows))
     step("bare forward", lambda: forward_rows(args, dtype, data, env, py, rows))
+    if kept_by_mcr_exit(env):
+        step("first run with the bytecode kept", lambda: first_run_with_bytecode(work, analyze))
+        run(py + ["-m", "mcr_exit", "warm", "stop"], env, "warm stop")
     try:
         import torch
 

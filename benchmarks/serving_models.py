@@ -101,6 +101,7 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--embed-cuda-graphs", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--fuse-embeddings", choices=("auto", "on", "off"), default="off")
+    p.add_argument("--fused-embed-tokens", type=int, default=1024)
     a = p.parse_args(argv)
     from stack_sampler import start_from_env
 
@@ -116,7 +117,7 @@ def serve(argv: list[str]) -> None:
                        kv_cache_tokens=a.kv_cache_tokens, max_queue=4096,
                        max_inputs=256, cuda_graphs=not a.no_cuda_graphs, request_timeout_s=600,
                        embed_cuda_graphs=a.embed_cuda_graphs, fuse_embeddings=a.fuse_embeddings,
-                       max_queue_tokens=1 << 24)
+                       fused_embed_tokens=a.fused_embed_tokens, max_queue_tokens=1 << 24)
     engine = Engine(loaded, None, cfg, embedding_layer=a.layer)
     run_server(create_app(engine, max_body_bytes=64 << 20, served_model_names=("m",)), engine, host="127.0.0.1",
                port=a.port, log_level="warning",

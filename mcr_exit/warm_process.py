@@ -238,4 +238,7 @@ def _still_ours(sock_path: Path, lock_path: Path, lock_stat: os.stat_result) -> 
 
 
 if __name__ == "__main__":
+    from mcr_exit.bytecode import keep_bytecode
+
+    keep_bytecode()
     sys.exit(serve(json.loads(sys.stdin.read())))

@@ -88,6 +88,9 @@ class _Group(click.Group):
 
         fast = args is None  # the process's own command line (a test runner passes its arguments)
         if fast:
+            from mcr_exit.bytecode import keep_bytecode
+
+            keep_bytecode()
             _warm_or_later(sys.argv[1:])
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)

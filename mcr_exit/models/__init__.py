@@ -8,6 +8,9 @@ __all__ = ["LoadedModel", "ModelSpec", "default_model_file", "from_objects", "lo
 
 def __getattr__(name: str):
     if name in __all__:
+        from mcr_exit.bytecode import keep_bytecode
+
+        keep_bytecode()  # before torch loads, where the environment writes no bytecode (mcr_exit.bytecode)
         from mcr_exit.models import loading
 
         return getattr(loading, name)
