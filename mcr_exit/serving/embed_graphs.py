@@ -31,6 +31,7 @@ runs, so the early-exit hooks of an eager forward on the other lane are never in
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from contextlib import nullcontext
 
@@ -80,6 +81,7 @@ class EmbedGraphs:
         self.capture_stream = None
         self.off = False
         self.captured = 0
+        self.capture_seconds = 0.0  # warm-up forwards and captures of buckets met while serving
 
     @staticmethod
     def bucket(rows: int, positions: int) -> tuple[int, int]:
@@ -130,6 +132,7 @@ class EmbedGraphs:
         static_mask = torch.zeros((rows, positions), dtype=torch.long, device=dev)
         graph = out = None
         if self.use_graphs:
+            t0 = time.perf_counter()
             try:
                 self._forward(static_ids, static_mask, layer)  # lazy initializations, outside the capture
                 if self.pool is None:
@@ -144,6 +147,7 @@ class EmbedGraphs:
                             type(exc).__name__, exc)
                 return None
             self.captured += 1
+            self.capture_seconds += time.perf_counter() - t0
         while len(self.entries) >= MAX_GRAPHS:
             self.entries.popitem(last=False)
         self.entries[key] = (static_ids, static_mask, graph, out)

@@ -156,7 +156,9 @@ class EmbeddingLane:
             graphs = self.embed_graphs
             hidden = None
             if graphs is not None and (graphs.always or not self.rows):
+                before = graphs.captured, graphs.capture_seconds
                 hidden = graphs.hidden(ids, mask, layer, lock=self.forward_lock)
+                self._count_captures("embedding", graphs, *before)
             if hidden is None:
                 with self.forward_lock:
                     hidden = hidden_at(self.stepper.adapter, ids, mask, layer)  # blocks layer+1.. never run
@@ -165,6 +167,14 @@ class EmbeddingLane:
             if queued:
                 self._release_queued(batch)
             raise
+
+    def _count_captures(self, kind: str, graphs, captured: int, seconds: float) -> None:
+        """CUDA graphs that ``graphs`` (``EmbedGraphs``, ``FusedStep``) captured since it counted ``captured``
+        graphs and ``seconds``: in ``/metrics``, by kind."""
+        if graphs.captured > captured:
+            self.metrics.inc("mcr_exit_cuda_graph_captures_total", graphs.captured - captured, kind=kind)
+            self.metrics.inc("mcr_exit_cuda_graph_capture_seconds_total", graphs.capture_seconds - seconds,
+                             kind=kind)
 
     def _pool_to_host(self, batch, hidden: torch.Tensor, mask: torch.Tensor, layer: int, queued: bool,
                       kind: str = "embedding") -> _EmbedBatch:

@@ -17,8 +17,9 @@ _HELP = {
     "mcr_exit_embedding_block_calls_total": ("counter", "Embedding calls of each block inside vLLM's worker "
                                              "(--engine vllm); blocks after the layer asked for stay at 0."),
     "mcr_exit_vllm_aborted_total": ("counter", "Generation requests aborted in vLLM (client gone, shutdown)."),
-    "mcr_exit_cuda_graph_captures_total": ("counter", "CUDA graphs captured while serving, by kind (fused: decode "
-                                           "steps that carry embedding inputs)."),
+    "mcr_exit_cuda_graph_captures_total": ("counter", "CUDA graphs captured while serving, by kind (embedding: "
+                                           "embedding batches; fused: decode steps that carry embedding "
+                                           "inputs)."),
     "mcr_exit_cuda_graph_capture_seconds_total": ("counter", "Seconds spent capturing those graphs, by kind."),
     "mcr_exit_ready": ("gauge", "1 once the engine has warmed up."),
 }

@@ -243,12 +243,9 @@ class Scheduler(EmbeddingLane):
         """A decode step that carries embedding inputs (``_take_fused``): (logits, their vectors on the way)."""
         batch, E, index, mask = carried
         try:
-            captured, seconds = self.fused.captured, self.fused.capture_seconds
+            before = self.fused.captured, self.fused.capture_seconds
             logits, hidden = self.fused.run(B, span, E, lock=self.forward_lock)
-            if self.fused.captured > captured:
-                self.metrics.inc("mcr_exit_cuda_graph_captures_total", kind="fused")
-                self.metrics.inc("mcr_exit_cuda_graph_capture_seconds_total", self.fused.capture_seconds - seconds,
-                                 kind="fused")
+            self._count_captures("fused", self.fused, *before)
             return logits, self._pool_to_host(batch, hidden[index], mask, self.fused.layer, True, kind="fused")
         except BaseException as exc:
             self._release_queued(batch)

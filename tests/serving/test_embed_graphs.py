@@ -107,3 +107,35 @@ def test_a_bad_setting_is_a_config_error():
 
     with pytest.raises(ConfigError, match="--embed-cuda-graphs"):
         EngineConfig(embed_cuda_graphs="sometimes")
+
+
+def test_captures_while_serving_are_counted_in_the_metrics(tiny4):
+    """A bucket captured while serving shows in /metrics (kind "embedding"), with its seconds; a bucket met
+    once or replayed adds nothing. (The CPU runs the padded function eagerly: the capture is counted as a
+    GPU would count it, by ``EmbedGraphs.captured`` and ``capture_seconds``.)"""
+
+    class Counted(EmbedGraphs):
+        def _make(self, key):
+            entry = super()._make(key)
+            self.captured += 1
+            self.capture_seconds += 0.25
+            return entry
+
+    engine = Engine(tiny4, None, EngineConfig(warmup=False), embedding_layer=2)
+
+    async def run():
+        await engine.astart()
+        try:
+            engine.scheduler.embed_graphs = Counted(engine.stepper, max_batch_tokens=8192, graphs=False)
+            counts = []
+            for _ in range(3):  # met once (eager), captured, replayed
+                await engine.embed(engine.encode_texts(TEXTS))
+                counts.append((engine.metrics.get("mcr_exit_cuda_graph_captures_total", kind="embedding"),
+                               engine.metrics.get("mcr_exit_cuda_graph_capture_seconds_total", kind="embedding")))
+            return counts, engine.metrics.render()
+        finally:
+            await engine.astop()
+
+    counts, text = asyncio.run(run())
+    assert counts == [(0, 0), (1, 0.25), (1, 0.25)]
+    assert 'mcr_exit_cuda_graph_captures_total{kind="embedding"} 1' in text
