@@ -212,6 +212,10 @@ async def drive(args, url: str, inputs, prompts, proc) -> dict:
             phases[f"{n} streams"] = (t0, time.time())
             work[f"{n} streams"] = await server_work(url)
         most = max(args.stream_counts)
+        t0 = time.time()  # the same burst again: its first time may pay one-time costs of the server
+        res["gen_again"] = await clients.run(prompts[:most], args.max_tokens)
+        phases[f"{most} streams again"] = (t0, time.time())
+        work[f"{most} streams again"] = await server_work(url)
         res["mixed_latency"] = await mixed_embed_latency(client, clients, inputs, prompts[:most], args.latency_n,
                                                          max_tokens=args.max_new_tokens,
                                                          settle_s=2 * res["gen"][most]["ttft_max_s"])
@@ -289,7 +293,7 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
         lines.append(f"| decode-step memory floor | - | - | {floor:.2f} ms per step (weights / "
                      f"{anchors['bandwidth'] / 1e12:.2f} TB/s copy bandwidth): {1e3 / floor:.0f} tokens/s per stream "
                      "| - |")
-    under = res["gen_under_embed"]
+    under, again = res["gen_under_embed"], res["gen_again"]
     most = max(args.stream_counts)
     limit = 3 * idle["p99_s"] + 0.020
     lines += [
@@ -301,9 +305,13 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
         f"| same, while {most} streams generate: p50 / p99 | {mixed['p50_s'] * 1e3:.1f} / {mixed['p99_s'] * 1e3:.1f} ms "
         f"({mixed['streams_running_at_end']} of {most} streams still running at the end) | p99 <= 3 x idle p99 + 20 ms "
         f"= {limit * 1e3:.1f} ms: {'met' if mixed['p99_s'] <= limit else 'NOT met'} |",
-        f"| {most} streams alone, tokens/s | {g[most]['tok_s']:.0f} | - |",
+        f"| {most} streams alone, tokens/s: first burst / the same again (TTFT p50) | {g[most]['tok_s']:.0f} / "
+        f"{again['tok_s']:.0f} ({(g[most]['ttft_p50_s'] or 0) * 1e3:.0f} / {(again['ttft_p50_s'] or 0) * 1e3:.0f} ms)"
+        " | - |",
         f"| {most} streams with embeddings offered at half capacity ({under['embedding_seq_s_offered']:.0f} seq/s), "
-        f"tokens/s | {under['tok_s']:.0f} ({under['tok_s'] / g[most]['tok_s'] - 1:+.0%}) | fall <= 20 % |",
+        f"tokens/s, against the second burst alone (the first) | {under['tok_s']:.0f} "
+        f"({under['tok_s'] / again['tok_s'] - 1:+.0%}; {under['tok_s'] / g[most]['tok_s'] - 1:+.0%}) "
+        "| fall <= 20 % |",
         f"| greedy tokens identical to `generate` ({len(res['greedy'])} prompts x {args.check_tokens}) | "
         f"{agreement} | - |",
         f"| SIGINT with {most} streams open -> process exited | {res['shutdown_s']:.2f} s | <= 2 s |",
