@@ -21,7 +21,6 @@ import asyncio
 import gc
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +41,9 @@ from serving_workloads import (  # noqa: E402
     StreamClients,
     mixed_embed_latency,
     server_work,
+    sigint_to_exit,
     streams_under_embedding_load,
+    uvicorn_stack,
     work_table,
 )
 
@@ -229,20 +230,11 @@ async def drive(args, url: str, inputs, prompts, proc) -> dict:
         # shutdown with streams open
         streams = asyncio.ensure_future(clients.run(prompts[:most], args.max_new_tokens, tolerate=True))
         await asyncio.sleep(1.3)
-        res["shutdown_s"] = await _sigint_to_exit(proc)
+        res["shutdown_s"] = await sigint_to_exit(proc)
         await asyncio.wait_for(streams, 30)
     finally:
         clients.close()
     return res
-
-
-async def _sigint_to_exit(proc) -> float:
-    """SIGINT, then the time until the process has exited."""
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    while proc.poll() is None and time.monotonic() - t0 < 30:
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
 
 
 def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_tokens: float) -> str:
@@ -268,7 +260,7 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
         f"- torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs; "
         f"{loaded.n_layers} blocks, embeddings from hidden {k}; weights {anchors['weight_bytes'] / 1e9:.2f} GB",
         f"- server: `benchmarks/serving_models.py serve` (create_app + run_server, as `mcr-exit serve`), a child "
-        f"process ({_uvicorn_stack()}); engine start-up {info['startup']}; driven over loopback by openai.AsyncOpenAI "
+        f"process ({uvicorn_stack()}); engine start-up {info['startup']}; driven over loopback by openai.AsyncOpenAI "
         f"(embeddings base64; "
         f"streams from {args.client_procs} client processes, one event loop and client each)",
         f"- embeddings: {emb['sequences']} inputs of ~{n_inputs_tokens:.0f} tokens, "
@@ -320,15 +312,6 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
     lines += work_table(res["work"])
     return "\n".join(x for x in lines if x is not None)
 
-
-
-def _uvicorn_stack() -> str:
-    import importlib.metadata
-
-    from mcr_exit.cli.serve_checks import server_stack
-
-    loop, http = server_stack()
-    return f"uvicorn {importlib.metadata.version('uvicorn')}, {loop} loop, {http} parser"
 
 
 def main() -> None:

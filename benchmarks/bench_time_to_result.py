@@ -188,31 +188,26 @@ def forward_rows(args, dtype, data, env, py, rows) -> None:
     rows.append(("  warm (fastest of 3)", fw["warm_s"], ""))
 
 
-def kept_by_mcr_exit(env: dict) -> bool:
-    """Whether the children's bytecode is kept by ``mcr_exit.bytecode`` (see the module's description)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("torch")
-    shipped = spec is not None and (Path(spec.origin).parent / "__pycache__").is_dir()
-    setting = env.get("MCR_EXIT_BYTECODE", "").lower()
-    return (bool(env.get("PYTHONDONTWRITEBYTECODE")) and not env.get("PYTHONPYCACHEPREFIX")
-            and (setting == "on" or (not shipped and setting not in ("off", "0", "none", "false", "no"))))
+def kept_by_mcr_exit(env: dict, py: list[str]) -> bool:
+    """Whether ``mcr_exit.bytecode`` keeps the children's bytecode: asked of a child with their environment."""
+    proc = subprocess.run(py + ["-c", "from mcr_exit.bytecode import keep_bytecode; print(keep_bytecode())"],
+                          env=env, capture_output=True, text=True)
+    return proc.returncode == 0 and proc.stdout.strip() not in ("", "None")
 
 
-def bytecode_note(env: dict) -> str:
+def bytecode_note(env: dict, kept: bool) -> str:
     """Whether the children import from bytecode (see the module's description)."""
     if env.get("PYTHONPYCACHEPREFIX"):
         return f"Bytecode: read and written under PYTHONPYCACHEPREFIX ({env['PYTHONPYCACHEPREFIX']})."
-    if kept_by_mcr_exit(env):
-        why = "MCR_EXIT_BYTECODE=on" if env.get("MCR_EXIT_BYTECODE", "").lower() == "on" else \
-            "torch ships without __pycache__"
-        return (f"Bytecode: PYTHONDONTWRITEBYTECODE is set and {why}; mcr-exit keeps it "
-                "under its cache folder (mcr_exit/bytecode.py), so the first run compiles torch, sympy and "
-                "transformers from source and writes their bytecode there, and later processes read it.")
-    if env.get("PYTHONDONTWRITEBYTECODE") and env.get("MCR_EXIT_BYTECODE"):
-        return ("Bytecode: NOT kept (`MCR_EXIT_BYTECODE` off): every process compiles from source what ships "
-                "without __pycache__.")
-    return "Bytecode: shipped with the packages."
+    if kept:
+        return ("Bytecode: PYTHONDONTWRITEBYTECODE is set and mcr-exit keeps the bytecode under its cache folder "
+                "(mcr_exit/bytecode.py; here torch ships without __pycache__, or MCR_EXIT_BYTECODE=on), so the "
+                "first run compiles torch, sympy and transformers from source and writes their bytecode there, "
+                "and later processes read it.")
+    if env.get("PYTHONDONTWRITEBYTECODE"):
+        return ("Bytecode: not written, and not kept by mcr-exit (torch ships its __pycache__, or "
+                "MCR_EXIT_BYTECODE=off).")
+    return "Bytecode: written beside the sources on first import, or shipped with the packages."
 
 
 def first_run_with_bytecode(work: Path, analyze) -> None:
@@ -288,6 +283,7 @@ def main() -> None:
         except StepFailed as exc:
             rows.append((label, float("nan"), str(exc).replace("|", "/")))
 
+    kept = kept_by_mcr_exit(env, py)
     helps = [run(py + ["-m", "mcr_exit", "analyze", "--help"], env, "help")[0] for _ in range(3)]
     rows.append(("`python -m mcr_exit analyze --help` (first of 3; fastest)", helps[0], f"{min(helps):.2f} s"))
     seconds: list[float] = []
@@ -317,7 +313,7 @@ def main() -> None:
     if not args.skip_transformers_load:
         step("GGUF through transformers' loader", lambda: transformers_rows(args, model, dtype, env, py, rows))
     step("bare forward", lambda: forward_rows(args, dtype, data, env, py, rows))
-    if kept_by_mcr_exit(env):
+    if kept:
         step("first run with the bytecode kept", lambda: first_run_with_bytecode(work, analyze))
         run(py + ["-m", "mcr_exit", "warm", "stop"], env, "warm stop")
     try:
@@ -331,7 +327,7 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - the report names what it can
         gpu, versions = "", ""
     load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    bytecode = bytecode_note(env)
+    bytecode = bytecode_note(env, kept)
     lines = [
         f"# Time to first result, {args.device} ({gpu or platform.processor() or platform.machine()})",
         "",

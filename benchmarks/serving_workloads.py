@@ -9,6 +9,7 @@ Python process parsing thousands of SSE chunks a second is itself the bottleneck
 from __future__ import annotations
 
 import asyncio
+import signal
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -216,3 +217,21 @@ def work_table(work: dict) -> list[str]:
         a, b = work[prev], work[name]
         out.append(f"| {name} | " + " | ".join(f"{b.get(k, 0) - a.get(k, 0):.4g}" for k in keys) + " |")
     return out + [""]
+
+
+async def sigint_to_exit(proc) -> float:
+    """SIGINT, then the time until the process has exited."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    while proc.poll() is None and time.monotonic() - t0 < 30:
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def uvicorn_stack() -> str:
+    import importlib.metadata
+
+    from mcr_exit.cli.serve_checks import server_stack
+
+    loop, http = server_stack()
+    return f"uvicorn {importlib.metadata.version('uvicorn')}, {loop} loop, {http} parser"
