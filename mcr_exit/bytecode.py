@@ -29,10 +29,9 @@ import os
 import sys
 from pathlib import Path
 
-from mcr_exit.cache_dir import cache_root
+from mcr_exit.cache_dir import OFF_WORDS, cache_root
 
-BYTECODE_ENV = "MCR_EXIT_BYTECODE"
-_OFF = ("off", "0", "none", "false", "no")  # "" = decide by the probe; "on" = always
+BYTECODE_ENV = "MCR_EXIT_BYTECODE"  # off (OFF_WORDS); "" = decide by the probe; "on" = always
 
 
 def _prefix() -> Path | None:
@@ -62,7 +61,7 @@ def keep_bytecode(probe: str = "torch") -> Path | None:
 
 def _keep_bytecode(probe: str) -> Path | None:
     setting = os.environ.get(BYTECODE_ENV, "").strip().lower()
-    if setting in _OFF:
+    if setting in OFF_WORDS:
         return None
     ours = _prefix()
     if ours is None:

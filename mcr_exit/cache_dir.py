@@ -12,7 +12,7 @@ from contextlib import suppress
 from pathlib import Path
 
 CACHE_ENV = "MCR_EXIT_CACHE"
-_OFF = ("off", "0", "none", "false", "no")
+OFF_WORDS = ("off", "0", "none", "false", "no")  # a setting that turns something off
 GGUF_FORMAT = 1  # the convert cache's layout (models/convert_cache.py): bump when it or what is saved changes
 
 
@@ -25,7 +25,7 @@ def default_cache_root() -> Path:
 def cache_root() -> Path | None:
     """The cache folder, or None when ``MCR_EXIT_CACHE=off``."""
     env = os.environ.get(CACHE_ENV, "").strip()
-    if env and env.lower() in _OFF:
+    if env and env.lower() in OFF_WORDS:
         return None
     if env:
         return Path(env).expanduser()
