@@ -182,23 +182,29 @@ def test_a_client_that_leaves_is_aborted_in_vllm(served):
 
 
 def test_sigterm_ends_open_streams_and_the_process(served):
-    """Runs last in this module: it stops the module's server."""
+    """Runs last in this module: it stops the module's server. The stream asks for the longest generation
+    the server allows, so that no machine is fast enough to finish it before the signal lands."""
     import httpx
     import psutil
 
     base, proc = served
     children = psutil.Process(proc.pid).children(recursive=True)  # vLLM's engine core and worker
     assert children
-    body = {"model": "tiny-vllm-llama", "prompt": "Once", "max_tokens": 3000, "temperature": 0, "stream": True}
-    lines = []
+    body = {"model": "tiny-vllm-llama", "prompt": "Once", "max_tokens": LONG_STREAM, "temperature": 0,
+            "stream": True}
+    lines, signalled = [], None
     with httpx.Client(timeout=60) as http, http.stream("POST", base + "/v1/completions", json=body) as r:
         for line in r.iter_lines():
-            if line.startswith("data: {") and not lines:
+            if line.startswith("data: {") and signalled is None:
                 proc.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
             if line:
                 lines.append(line)
+    ended_after = time.monotonic() - signalled
     assert lines[-1] == "data: [DONE]"
-    assert "shutting down" in lines[-2]  # the stream ended in-band with the 503, long before 3000 tokens
+    assert "shutting down" in lines[-2], \
+        f"the stream ended {ended_after:.1f} s after SIGTERM without the 503, {len(lines)} lines: {lines[-2][:200]}"
+    assert ended_after < 10, f"the stream ended {ended_after:.1f} s after SIGTERM"
     assert proc.wait(60) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)  # uvicorn re-raises the signal it handled
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive  # vLLM's processes ended with the server
