@@ -15,7 +15,8 @@ forward of 1 x (B + E) tokens through transformers' own blocks, where
   k.. run on the B decode rows only (the early exit of ``models.forward``: later blocks never see
   the embedding tokens). With k = L, hidden[L] is the last block's raw output, before the final norm.
 
-E is rounded up to a bucket (64, 256, 1024, .., at most ``EngineConfig.fused_embed_tokens``); on a GPU each
+E is rounded up to a bucket (64, 128, 192, 256, 384, 512, 768, 1024, .., at most
+``EngineConfig.fused_embed_tokens``: at most a third of a step's carried tokens are padding above 128); on a GPU each
 (batch bucket, span bucket, E) step is captured as a CUDA graph the first time it is needed (at most
 ``MAX_GRAPHS``, least recently used first out; all in the decode graphs' memory pool: one lane replays
 them one at a time). On the CPU the same forward runs eagerly (tests compare it with ``hidden_at`` and
@@ -48,7 +49,21 @@ from mcr_exit.serving.model_step import _decode_attention
 FUSED_ATTENTION = "mcr_exit_fused"
 MAX_GRAPHS = 64
 MIN_TOKENS = 64
-BUCKET_STEP = 4  # packed-token buckets 64, 256, 1024, ..: few graphs, at most 4x padding
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Packed-token buckets up to ``max_tokens``: 64, 128, then steps of x1.5 and x4/3 by turns (192, 256,
+    384, 512, 768, 1024, ..), and ``max_tokens`` itself. Carried tokens past what the decode rows need are
+    arithmetic the step pays for: padding to a 4x bucket cost generation more than the graphs it saved."""
+    out, b, grow = [], min(MIN_TOKENS, max_tokens), itertools.cycle(((3, 2), (4, 3)))
+    while b < max_tokens:
+        out.append(b)
+        if b < 2 * MIN_TOKENS:
+            b *= 2
+        else:
+            num, den = next(grow)
+            b = b * num // den
+    return out + [max_tokens]
 
 _running: FusedStep | None = None  # the fused forward being run (or captured) now: one lane runs them
 
@@ -129,12 +144,7 @@ class FusedStep:
         _register()
         self.stepper, self.layer, self.max_tokens = stepper, layer, max_tokens
         self.use_graphs = graphs
-        self.buckets = []
-        b = min(MIN_TOKENS, max_tokens)
-        while b < max_tokens:
-            self.buckets.append(b)
-            b *= BUCKET_STEP
-        self.buckets.append(max_tokens)
+        self.buckets = token_buckets(max_tokens)
         dev = stepper.device
         self.ids = torch.zeros(max_tokens, dtype=torch.long, device=dev)
         self.pos = torch.zeros(max_tokens, dtype=torch.long, device=dev)

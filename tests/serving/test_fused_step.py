@@ -74,10 +74,10 @@ def test_packing_fills_the_smallest_bucket_and_marks_each_input(tokenizer):
     _, engine = _engine(tokenizer, "llama")
     engine._build_pool()
     fused = FusedStep(engine.stepper, layer=2, max_tokens=300, graphs=False)
-    assert fused.buckets == [64, 256, 300]
+    assert fused.buckets == [64, 128, 192, 256, 300]
     assert fused.fits(300) and not fused.fits(301)
     E, index, mask = fused.load([[5] * 70, [6] * 3])
-    assert E == 256
+    assert E == 128
     assert index[0, :70].tolist() == list(range(70)) and index[1, :3].tolist() == [70, 71, 72]
     assert mask.sum(1).tolist() == [70, 3]
     assert fused.seg[:74].tolist() == [0] * 70 + [1] * 3 + [-1]
@@ -182,7 +182,7 @@ def test_a_fused_forward_through_the_compiled_blocks_equals_the_eager_one(tokeni
     with torch.inference_mode():
         engine._set_up_fused_steps()  # its warm-up compiles the fused path
     fused = engine.scheduler.fused
-    assert fused.layer == 2 and fused.buckets == [64, 256, 1024]
+    assert fused.layer == 2 and fused.buckets == [64, 128, 192, 256, 384, 512, 768, 1024]
     compiled_at_warm_up = dict(counters["stats"])
     compiled = [one(fused, *c) for c in cases]
     assert dict(counters["stats"]) == compiled_at_warm_up, "a fused step compiled again after the warm-up"
@@ -233,3 +233,15 @@ def test_a_fused_step_that_fails_fails_its_embeddings_and_sequences_and_serving_
     assert again.vectors.shape == (2, loaded.model.config.hidden_size) and len(out.token_ids) > 0
     assert engine.metrics.get("mcr_exit_batches_total", kind="fused") >= 1
     assert engine.scheduler.queued_tokens == 0 and engine.stepper.pool.n_used == 0
+
+
+def test_token_buckets_bound_the_padding():
+    from mcr_exit.serving.fused_step import token_buckets
+
+    assert token_buckets(1024) == [64, 128, 192, 256, 384, 512, 768, 1024]
+    assert token_buckets(50) == [50] and token_buckets(100) == [64, 100]
+    for top in (300, 1024, 4096, 5000):
+        b = token_buckets(top)
+        assert b == sorted(set(b)) and b[-1] == top
+        for n in range(129, top + 1, 7):  # a pack of n tokens runs as the smallest bucket that holds it
+            assert next(x for x in b if x >= n) <= 1.5 * n
