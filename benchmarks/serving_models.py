@@ -100,7 +100,7 @@ def serve(argv: list[str]) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--embed-cuda-graphs", choices=("auto", "on", "off"), default="auto")
-    p.add_argument("--fuse-embeddings", choices=("auto", "on", "off"), default="off")
+    p.add_argument("--fuse-embeddings", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--fused-embed-tokens", type=int, default=1024)
     a = p.parse_args(argv)
     from stack_sampler import start_from_env

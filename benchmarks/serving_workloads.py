@@ -9,6 +9,7 @@ Python process parsing thousands of SSE chunks a second is itself the bottleneck
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 import statistics
 import time
@@ -84,9 +85,16 @@ async def mixed_embed_latency(client, streams: StreamClients, inputs, prompts, n
 async def streams_under_embedding_load(client, streams: StreamClients, prompts, max_tokens: int, inputs, *,
                                        rate: float) -> dict:
     """Generation throughput of len(prompts) streams while embeddings arrive at ``rate`` sequences/s
-    (open loop, 8 inputs per request)."""
+    (open loop, 8 inputs per request); and the embeddings served while the streams ran: the sequences/s that
+    finished in that window, and the latency of the requests sent in it."""
     stop = asyncio.Event()
     sent = 0
+    times: list[tuple[float, float]] = []  # (sent, done) of each embedding request
+
+    async def one(batch):
+        t = time.perf_counter()
+        await client.embeddings.create(model="m", input=batch)
+        times.append((t, time.perf_counter()))
 
     async def embedder():
         nonlocal sent
@@ -95,17 +103,23 @@ async def streams_under_embedding_load(client, streams: StreamClients, prompts, 
             due = int((time.perf_counter() - t0) * rate / 8)
             while sent < due:
                 start = sent * 8 % max(1, len(inputs) - 8)
-                tasks.append(asyncio.ensure_future(client.embeddings.create(model="m", input=inputs[start:start + 8])))
+                tasks.append(asyncio.ensure_future(one(inputs[start:start + 8])))
                 sent += 1
             await asyncio.sleep(0.005)
         await asyncio.gather(*tasks)
 
     emb = asyncio.ensure_future(embedder())
     await asyncio.sleep(0.5)
+    w0 = time.perf_counter()
     gen = await streams.run(prompts, max_tokens)
+    w1 = time.perf_counter()
     stop.set()
     await emb
-    return {**gen, "embedding_seq_s_offered": rate, "embedding_requests": sent}
+    lat = [done - t for t, done in times if w0 <= t <= w1]
+    served = {"embedding_seq_s_served": 8 * sum(w0 <= done <= w1 for _, done in times) / (w1 - w0),
+              "embedding_p50_s": _pct(lat, 0.5) if lat else math.nan,
+              "embedding_p99_s": _pct(lat, 0.99) if lat else math.nan}
+    return {**gen, "embedding_seq_s_offered": rate, "embedding_requests": sent, **served}
 
 
 async def greedy_texts(client, prompts, max_tokens: int) -> list[str]:
@@ -188,11 +202,14 @@ class StreamClients:
                 "client_cpu": sum(o["cpu_s"] for o in outs) / wall, "client_procs": n_proc}
 
 
-WORK = ("mcr_exit_batches_total", "mcr_exit_cuda_graph_captures_total", "mcr_exit_cuda_graph_capture_seconds_total")
+WORK = ("mcr_exit_batches_total", "mcr_exit_cuda_graph_captures_total", "mcr_exit_cuda_graph_capture_seconds_total",
+        "mcr_exit_step_seconds_total", "mcr_exit_device_wait_seconds_total",
+        "mcr_exit_forward_lock_wait_seconds_total", "mcr_exit_fused_tokens_total")
 
 
 async def server_work(url: str) -> dict:
-    """The server's forward batches by kind, and graphs captured while serving, from its /metrics."""
+    """The server's counters of work (forward batches, step and wait seconds, carried tokens, graphs captured
+    while serving), by kind or lane, from its /metrics."""
     import httpx
 
     async with httpx.AsyncClient() as http:
@@ -201,22 +218,39 @@ async def server_work(url: str) -> dict:
     for line in text.splitlines():
         name = line.split("{")[0].split(" ")[0]
         if name in WORK:
-            kind = line.split('kind="')[1].split('"')[0] if 'kind="' in line else ""
-            out[f"{name.replace('mcr_exit_', '').replace('_total', '')}:{kind}"] = float(line.rsplit(" ", 1)[1])
+            label = next((line.split(f'{k}="')[1].split('"')[0] for k in ("kind", "lane") if f'{k}="' in line), "")
+            out[f"{name.replace('mcr_exit_', '').replace('_total', '')}:{label}"] = float(line.rsplit(" ", 1)[1])
     return out
 
 
+def _derived(d: dict) -> dict:
+    """Per phase: the mean decode step (plain and fused together), and the tokens a fused step carried."""
+    steps = d.get("batches:decode", 0)
+    seconds = d.get("step_seconds:decode", 0) + d.get("step_seconds:fused", 0)
+    fused = d.get("batches:fused", 0)
+    return {"ms per decode step": 1e3 * seconds / steps if steps else 0,
+            "tokens carried per fused step": d.get("fused_tokens:carried", 0) / fused if fused else 0}
+
+
 def work_table(work: dict) -> list[str]:
-    """What the server ran in each phase (differences of its /metrics counters)."""
-    keys = sorted({k for w in work.values() for k in w})
-    out = ["The server's work in each phase (from its /metrics: forward batches by kind; CUDA graphs captured while "
-           "serving, and the seconds that took):", "", "| phase | " + " | ".join(keys) + " |",
-           "| --- |" + " ---: |" * len(keys)]
+    """What the server ran in each phase (differences of its /metrics counters), in two tables."""
     names = list(work)
-    for prev, name in zip(names, names[1:]):
-        a, b = work[prev], work[name]
-        out.append(f"| {name} | " + " | ".join(f"{b.get(k, 0) - a.get(k, 0):.4g}" for k in keys) + " |")
-    return out + [""]
+    diffs = {name: {k: work[name].get(k, 0) - work[prev].get(k, 0) for k in set(work[name]) | set(work[prev])}
+             for prev, name in zip(names, names[1:])}
+    for d in diffs.values():
+        d.update(_derived(d))
+    keys = sorted({k for d in diffs.values() for k in d})
+    counts = [k for k in keys if k.startswith(("batches", "cuda_graph", "fused_tokens"))]
+    times = [k for k in keys if k not in counts]
+    out = ["The server's work in each phase, from its /metrics: forward batches by kind, CUDA graphs captured while "
+           "serving (and the seconds that took), embedding tokens carried by decode steps (and their buckets); then "
+           "the generation lane's step seconds by kind, the seconds each lane waited for the device and for the "
+           "other's eager forward, the mean decode step and the tokens a fused step carried:", ""]
+    for cols in (counts, times):
+        out += ["| phase | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+        out += [f"| {name} | " + " | ".join(f"{d.get(k, 0):.4g}" for k in cols) + " |" for name, d in diffs.items()]
+        out.append("")
+    return out
 
 
 async def sigint_to_exit(proc) -> float:

@@ -91,11 +91,11 @@ def _check_serve_extra() -> None:
               help="Embedding batches from CUDA graphs per (rows, positions) bucket (GPU only). auto: models of at "
               "most 3e9 parameters, while no sequence generates (beside generation, eagerly: graph batches would "
               "slow the decode steps); on: always; off: never.")
-@click.option("--fuse-embeddings", type=click.Choice(["auto", "on", "off"]), default="off", show_default=True,
+@click.option("--fuse-embeddings", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="While sequences generate, decode steps carry waiting embedding inputs of the served layer "
               "(one pass over the weights for both; the inputs leave the pass after their layer). auto: where "
-              "decode steps replay CUDA graphs; on: also eagerly (CPU); off: embeddings run in batches of their "
-              "own. Off by default until its speed beside generation is settled (docs/serving.md).")
+              "decode steps replay CUDA graphs (a GPU; on the CPU auto is off); on: also eagerly (CPU); off: "
+              "embeddings run in batches of their own (docs/serving.md).")
 @click.option("--fused-embed-tokens", type=int, default=1024, show_default=True,
               help="Embedding input tokens one decode step may carry (--fuse-embeddings).")
 @click.option("--no-compile", is_flag=True,

@@ -37,7 +37,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     embed_cuda_graphs: str = "auto"  # embedding batches from CUDA graphs: auto, on, off (serving/embed_graphs.py)
     compile: bool = True  # on a GPU, compile the blocks of the captured decode steps (torch.compile)
-    fuse_embeddings: str = "off"  # decode steps carry waiting embedding inputs: auto (GPU graphs), on, off
+    fuse_embeddings: str = "auto"  # decode steps carry waiting embedding inputs: auto (GPU graphs), on, off
     fused_embed_tokens: int = 1024  # embedding tokens one decode step may carry (fused_step.py)
 
     def __post_init__(self):

@@ -47,7 +47,10 @@ class EmbeddingLane:
             self.pieces.extend((job, i) for i in range(len(job.ids)))
             self.queued_tokens += job.n_tokens
             self.metrics.set("mcr_exit_queue_depth", self.queued_tokens, kind="embedding_tokens")
-            self.embed_cond.notify()
+            # inputs that decode steps will carry are no news to the lane: it would wake only to look through
+            # the queue (the last sequence to finish wakes it, and it then takes them all)
+            if not self._fusing() or not all(self._fusable(job, i) for i in range(len(job.ids))):
+                self.embed_cond.notify()
 
     def run_embeddings(self) -> None:
         """The embedding lane (its own thread and, on a GPU, its own CUDA stream).
@@ -203,7 +206,11 @@ class EmbeddingLane:
         if not batch:
             return None
         try:
-            return (batch, *self.fused.load([job.ids[i] for job, i in batch]))
+            carried = (batch, *self.fused.load([job.ids[i] for job, i in batch]))
+            self.metrics.inc("mcr_exit_fused_tokens_total", sum(len(job.ids[i]) for job, i in batch),
+                             kind="carried")
+            self.metrics.inc("mcr_exit_fused_tokens_total", carried[1], kind="bucket")
+            return carried
         except BaseException as exc:
             self._release_queued(batch)
             self._fail_embed(batch, exc)
@@ -217,7 +224,10 @@ class EmbeddingLane:
     def _collect_embed(self, done: _EmbedBatch) -> None:
         try:
             if done.event is not None:
+                t0 = time.perf_counter()
                 done.event.synchronize()  # lets go of the GIL while the GPU finishes
+                self.metrics.inc("mcr_exit_device_wait_seconds_total", time.perf_counter() - t0,
+                                 lane="generation" if done.kind == "fused" else "embedding")
             pooled = {key: value.numpy() for key, value in done.vectors.items()}
         except Exception as exc:  # noqa: BLE001
             self._fail_embed(done.batch, exc)

@@ -272,6 +272,11 @@ class Engine(InputEncoding):
             finally:
                 for slot in slots:
                     self.stepper.pool.release(slot)
+            if graphs:
+                t0 = time.perf_counter()
+                n = fused.capture_full_batch()
+                self.startup_report.update(fused_cuda_graphs=n,
+                                           fused_capture_s=round(time.perf_counter() - t0, 2))
         self.scheduler.fused = fused
         self.startup_report.update(fused_embeddings=f"{'graphs' if graphs else 'eager'}, "
                                                     f"up to {self.config.fused_embed_tokens} tokens a step")

@@ -267,20 +267,44 @@ class FusedStep:
             with lock if lock is not None else nullcontext():
                 return self.forward(B, span, E)
         Bb, sb = st._bucket(B, st.batch_buckets), st._bucket(span, st.span_buckets)
-        key = (Bb, sb, E)
-        entry = self.graphs.get(key)
-        if entry is None:
-            while len(self.graphs) >= MAX_GRAPHS:
-                self.graphs.popitem(last=False)
-            t0 = time.perf_counter()
-            with lock if lock is not None else nullcontext():
-                self.forward(Bb, sb, E)  # compilation and lazy initializations, outside the capture
-                graph, out = capture(self.forward, (Bb, sb, E), pool=st.graph_pool)
-            self.captured += 1
-            self.capture_seconds += time.perf_counter() - t0
-            entry = self.graphs[key] = (graph, out)
-        else:
-            self.graphs.move_to_end(key)
-        graph, (logits, hidden) = entry
+        graph, (logits, hidden) = self._graph((Bb, sb, E), lock)
         graph.replay()
         return logits[:B], hidden
+
+    def _graph(self, key: tuple[int, int, int], lock=None) -> tuple:
+        """The graph of step shape ``key`` (batch bucket, span bucket, E), captured now if it is new."""
+        entry = self.graphs.get(key)
+        if entry is not None:
+            self.graphs.move_to_end(key)
+            return entry
+        while len(self.graphs) >= MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        t0 = time.perf_counter()
+        with lock if lock is not None else nullcontext():
+            self.forward(*key)  # compilation and lazy initializations, outside the capture
+            graph, out = capture(self.forward, key, pool=self.stepper.graph_pool)
+        self.captured += 1
+        self.capture_seconds += time.perf_counter() - t0
+        entry = self.graphs[key] = (graph, out)
+        return entry
+
+    def full_batch_keys(self, limit: int = MAX_GRAPHS // 2) -> list[tuple[int, int, int]]:
+        """The step shapes captured at warm-up: the largest batch bucket, with every token bucket, for as many
+        of the shortest span buckets as ``limit`` graphs allow (at least one). That batch bucket is the one a
+        loaded server runs (the highest slot in use sets it), where a capture while serving would stall every
+        stream. Largest first, so that later captures reuse the memory pool's blocks."""
+        st = self.stepper
+        spans = st.span_buckets[: max(1, limit // len(self.buckets))]
+        keys = [(st.batch_buckets[-1], span, E) for span in spans for E in self.buckets][: max(limit, 1)]
+        return sorted(keys, key=lambda k: (k[1], k[2]), reverse=True)
+
+    def capture_full_batch(self, limit: int = MAX_GRAPHS // 2) -> int:
+        """At warm-up (the pool idle): capture ``full_batch_keys``; other shapes are captured the first time
+        they are needed. Returns the number captured."""
+        st = self.stepper
+        st.positions.zero_()
+        st.tokens.zero_()
+        keys = self.full_batch_keys(limit)
+        for key in keys:
+            self._graph(key)
+        return len(keys)

@@ -126,21 +126,28 @@ def take_embed_batch(pieces: deque, *, max_batch_size: int, max_batch_tokens: in
     return batch, kept, dropped[0]
 
 
-def take_packed(pieces: deque, *, fits, max_tokens: int, max_rows: int
+def take_packed(pieces: deque, *, fits, max_tokens: int, max_rows: int, look_ahead: int = 16
                 ) -> tuple[list[tuple[EmbedJob, int]], deque, int]:
-    """Waiting embedding inputs ``(job, index)`` for which ``fits(job, index)`` holds, in arrival order, while
-    their tokens together stay within ``max_tokens`` (packed one after another: no padding) and they are at
-    most ``max_rows``; every other input keeps its place. Inputs of jobs cancelled, done or past their deadline
-    are dropped as in ``take_embed_batch``. Returns (batch, the inputs left waiting, tokens dropped)."""
-    batch, kept, total, dropped = [], deque(), 0, [0]
+    """Waiting embedding inputs ``(job, index)`` for which ``fits(job, index)`` holds, from the front in arrival
+    order, while their tokens together stay within ``max_tokens`` (packed one after another: no padding) and
+    they are at most ``max_rows``. Past the first input that no longer fits, at most ``look_ahead`` more are
+    looked at (a shorter one may still fit): a decode step takes its inputs in time independent of the queue's
+    length. Every other input keeps its place; ``pieces`` is changed in place. Inputs of jobs cancelled, done
+    or past their deadline are dropped as in ``take_embed_batch``. Returns (batch, ``pieces``, tokens dropped)."""
+    batch, skipped, total, dropped, left = [], [], 0, [0], None
     for job, i in _live(pieces, dropped):
         n = len(job.ids[i])
         if fits(job, i) and total + n <= max_tokens and len(batch) < max_rows:
             batch.append((job, i))
             total += n
         else:
-            kept.append((job, i))
-            if total >= max_tokens or len(batch) >= max_rows:
+            skipped.append((job, i))
+            if not fits(job, i):
+                continue
+            left = look_ahead if left is None else left
+        if left is not None:
+            left -= 1
+            if left < 0 or total >= max_tokens or len(batch) >= max_rows:
                 break
-    kept.extend(pieces)
-    return batch, kept, dropped[0]
+    pieces.extendleft(reversed(skipped))
+    return batch, pieces, dropped[0]

@@ -21,6 +21,16 @@ _HELP = {
                                            "embedding batches; fused: decode steps that carry embedding "
                                            "inputs)."),
     "mcr_exit_cuda_graph_capture_seconds_total": ("counter", "Seconds spent capturing those graphs, by kind."),
+    "mcr_exit_step_seconds_total": ("counter", "Seconds of the generation lane's steps, by kind (prefill; decode; "
+                                    "fused: a decode step that carried embedding inputs); with "
+                                    "mcr_exit_batches_total, the mean step time."),
+    "mcr_exit_device_wait_seconds_total": ("counter", "Seconds a lane's thread waited for the device to finish, by "
+                                           "lane: a generation lane that waits is bound by the device, one that "
+                                           "does not by the host."),
+    "mcr_exit_forward_lock_wait_seconds_total": ("counter", "Seconds a lane waited for the other's eager forward "
+                                                 "(forward_lock), by lane."),
+    "mcr_exit_fused_tokens_total": ("counter", "Embedding tokens carried by decode steps (carried), and the token "
+                                    "buckets they ran in (bucket: carried plus padding)."),
     "mcr_exit_ready": ("gauge", "1 once the engine has warmed up."),
 }
 

@@ -37,16 +37,21 @@ log = logging.getLogger("mcr_exit.serving")
 class FairLock:
     """A ticket lock: threads enter in the order they asked (``threading.Lock`` lets a releaser re-take it)."""
 
-    def __init__(self):
+    def __init__(self, on_wait=None):
         self._cond = threading.Condition()
         self._next = 0
         self._serving = 0
+        self._on_wait = on_wait  # called with the seconds a thread waited for its turn
 
     def __enter__(self):
         with self._cond:
             ticket, self._next = self._next, self._next + 1
-            while self._serving != ticket:
-                self._cond.wait()
+            if self._serving != ticket:
+                t0 = time.perf_counter()
+                while self._serving != ticket:
+                    self._cond.wait()
+                if self._on_wait is not None:
+                    self._on_wait(time.perf_counter() - t0)
 
     def __exit__(self, *exc):
         with self._cond:
@@ -74,7 +79,7 @@ class Scheduler(EmbeddingLane):
         self.eos_ids, self.pad_id = eos_ids, pad_id
         self.cond = threading.Condition()  # generation queue and running rows
         self.embed_cond = threading.Condition()  # embedding queue
-        self.forward_lock = FairLock()
+        self.forward_lock = FairLock(on_wait=self._lock_waited)
         self.waiting: deque[GenerationHandle] = deque()
         self.pieces: deque[tuple[EmbedJob, int]] = deque()  # embedding inputs not yet run
         self.queued_tokens = 0  # tokens in self.pieces
@@ -90,6 +95,18 @@ class Scheduler(EmbeddingLane):
         self.step_ahead = stepper.device.type == "cuda"
         self.embed_graphs = None  # EmbedGraphs once the engine has warmed up (GPU; embed_graphs.py)
         self.fused = None  # FusedStep once the engine has warmed up (fused_step.py): decode steps carry embeddings
+        self._step_kind = "decode"  # what the last decode step was: decode, or fused (it carried embeddings)
+
+    def _lock_waited(self, seconds: float) -> None:
+        lane = "embedding" if threading.current_thread().name == "mcr-exit-embeddings" else "generation"
+        self.metrics.inc("mcr_exit_forward_lock_wait_seconds_total", seconds, lane=lane)
+
+    def _gpu_wait(self, copy) -> list[int]:
+        """The host copy of a step's tokens; the time this thread waited for the device goes to /metrics."""
+        t0 = time.perf_counter()
+        tokens = self._host.wait(copy)
+        self.metrics.inc("mcr_exit_device_wait_seconds_total", time.perf_counter() - t0, lane="generation")
+        return tokens
 
     # ---- submission (any thread) ------------------------------------------------------------
     def submit_generation(self, handle: GenerationHandle) -> None:
@@ -131,6 +148,7 @@ class Scheduler(EmbeddingLane):
                 if self.stopping:
                     break
                 admitted = self._admit()
+            t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
                     if admitted:
@@ -151,6 +169,8 @@ class Scheduler(EmbeddingLane):
                         self.failed = again
                     break
             self._flush()
+            self.metrics.inc("mcr_exit_step_seconds_total", time.perf_counter() - t0,
+                             kind="prefill" if admitted else self._step_kind)
         self._shutdown()
 
     def failure_message(self) -> str:
@@ -197,7 +217,7 @@ class Scheduler(EmbeddingLane):
         chosen = self._sample(rows, logits)
         # the first generated token and its position become the rows' next decode input, on the device
         self.stepper.feed(slots, chosen, [len(h.req.prompt_ids) for h in handles])
-        self._advance(rows, self._host.wait(self._host.start(chosen)))
+        self._advance(rows, self._gpu_wait(self._host.start(chosen)))
         self.metrics.inc("mcr_exit_batches_total", kind="prefill")
         self.metrics.inc("mcr_exit_blocks_executed_total", self.stepper.adapter.n_layers, kind="generation")
         self.metrics.inc("mcr_exit_tokens_total", sum(len(h.req.prompt_ids) for h in handles), kind="prompt")
@@ -214,6 +234,7 @@ class Scheduler(EmbeddingLane):
         B = rows[-1].slot + 1
         span = max(r.next_pos for r in rows) + 1
         carried = self._take_fused() if self.fused is not None and self.pieces else None
+        self._step_kind = "fused" if carried is not None else "decode"
         embed = None
         if carried is not None:
             logits, embed = self._fused_step(B, span, carried)
@@ -254,7 +275,7 @@ class Scheduler(EmbeddingLane):
 
     def _take_tokens(self, inflight) -> None:
         rows, copy, embed = inflight
-        self._advance(rows, self._host.wait(copy))
+        self._advance(rows, self._gpu_wait(copy))
         if embed is not None:
             self._collect_embed(embed)
 

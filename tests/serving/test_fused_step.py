@@ -143,7 +143,8 @@ def test_embeddings_ride_in_decode_steps_and_both_stay_exact(tokenizer, family, 
     assert engine.scheduler.queued_tokens == 0 and engine.stepper.pool.n_used == 0
 
 
-def test_off_the_default_and_auto_on_the_cpu_leave_embeddings_to_their_lane(tokenizer):
+def test_off_and_auto_the_default_on_the_cpu_leave_embeddings_to_their_lane(tokenizer):
+    assert EngineConfig().fuse_embeddings == "auto"  # fused where decode steps replay CUDA graphs: a GPU
     for setting in ({"fuse_embeddings": "off"}, {}, {"fuse_embeddings": "auto"}):
         _, engine = _engine(tokenizer, "llama", **setting)
 
@@ -245,3 +246,68 @@ def test_token_buckets_bound_the_padding():
         assert b == sorted(set(b)) and b[-1] == top
         for n in range(129, top + 1, 7):  # a pack of n tokens runs as the smallest bucket that holds it
             assert next(x for x in b if x >= n) <= 1.5 * n
+
+
+def test_warm_up_captures_the_full_batch_shapes_shortest_spans_first(tokenizer):
+    _, engine = _engine(tokenizer, "llama")
+    engine._build_pool()
+    st = engine.stepper
+    st.span_buckets = [128, 256, 512]  # as a pool of 512-token slots has them
+    fused = FusedStep(st, layer=2, max_tokens=300, graphs=False)
+    keys = fused.full_batch_keys(limit=10)
+    assert {B for B, _, _ in keys} == {st.batch_buckets[-1]}
+    assert {span for _, span, _ in keys} == set(st.span_buckets[:2])  # 10 graphs: two spans of 5 buckets
+    assert sorted(E for _, _, E in keys) == sorted(fused.buckets * 2)
+    assert keys == sorted(keys, reverse=True)  # largest first
+    assert len(fused.full_batch_keys(limit=3)) == 3  # fewer graphs than buckets: the shortest span only
+    assert {span for _, span, _ in fused.full_batch_keys(limit=3)} == {st.span_buckets[0]}
+
+
+def test_metrics_say_how_long_steps_took_and_what_they_carried(tokenizer, monkeypatch):
+    loaded, engine = _engine(tokenizer, "llama", fuse_embeddings="on")
+    engine.start()
+    try:
+        assert engine.wait_ready(60)
+        _slow(monkeypatch, engine, 0.05)
+
+        async def run():
+            gen = asyncio.ensure_future(engine.generate(GenerationRequest(prompt_ids=PROMPTS[0], max_tokens=12)))
+            await asyncio.sleep(0.2)
+            await engine.embed(INPUTS[:2])
+            return await gen
+
+        asyncio.run(run())
+    finally:
+        engine.stop()
+    m = engine.metrics
+    fused = m.get("mcr_exit_batches_total", kind="fused")
+    assert fused >= 1 and m.get("mcr_exit_step_seconds_total", kind="fused") >= 0.05 * fused
+    assert m.get("mcr_exit_step_seconds_total", kind="decode") >= 0.05  # the plain steps were slowed too
+    assert m.get("mcr_exit_step_seconds_total", kind="prefill") > 0
+    carried = m.get("mcr_exit_fused_tokens_total", kind="carried")
+    assert carried == sum(len(x) for x in INPUTS[:2])  # both inputs rode in one step
+    assert m.get("mcr_exit_fused_tokens_total", kind="bucket") == 64
+    assert "mcr_exit_device_wait_seconds_total" in m.render()
+
+
+def test_a_step_takes_its_inputs_from_the_front_whatever_the_queue_holds():
+    from collections import deque
+
+    from mcr_exit.serving.jobs import EmbedJob, take_packed
+
+    def job(*lengths, layer=2):
+        return EmbedJob(ids=[[1] * n for n in lengths], layer=layer, pooling="mean", normalize=True,
+                        deadline=float("inf"))
+
+    fits = lambda j, i: j.layer == 2  # noqa: E731 - inputs of layer 2 ride in decode steps
+    other, a, b = job(5, layer=1), job(40, 40, 50), job(*([50] * 10_000))
+    pieces = deque([(other, 0), *((a, i) for i in range(3)), *((b, i) for i in range(10_000))])
+    seen = []
+    real_fits = fits
+    fits = lambda j, i: seen.append(1) or real_fits(j, i)  # noqa: E731 - counts the inputs looked at
+    batch, left, dropped = take_packed(pieces, fits=fits, max_tokens=128, max_rows=64, look_ahead=4)
+    assert [(j is a, i) for j, i in batch] == [(True, 0), (True, 1)]  # 50 more tokens would pass 128
+    assert left is pieces and dropped == 0
+    assert len(seen) < 40  # the 10,000 inputs behind were not all looked at
+    assert list(pieces)[:3] == [(other, 0), (a, 2), (b, 0)]  # what was passed over keeps its place
+    assert len(pieces) == 1 + 1 + 10_000
