@@ -136,13 +136,13 @@ def take_packed(pieces: deque, *, fits, max_tokens: int, max_rows: int, look_ahe
     or past their deadline are dropped as in ``take_embed_batch``. Returns (batch, ``pieces``, tokens dropped)."""
     batch, skipped, total, dropped, left = [], [], 0, [0], None
     for job, i in _live(pieces, dropped):
-        n = len(job.ids[i])
-        if fits(job, i) and total + n <= max_tokens and len(batch) < max_rows:
+        n, ok = len(job.ids[i]), fits(job, i)
+        if ok and total + n <= max_tokens and len(batch) < max_rows:
             batch.append((job, i))
             total += n
         else:
             skipped.append((job, i))
-            if not fits(job, i):
+            if not ok:
                 continue
             left = look_ahead if left is None else left
         if left is not None:
