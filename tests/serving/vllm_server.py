@@ -75,38 +75,60 @@ def metric(base: str, name: str, **labels) -> float:
     return 0.0
 
 
-@contextmanager
-def vllm_server(model_dir: Path | None, profile: Path, *extra: str, ready_timeout: float = 600):
-    """``mcr-exit serve --engine vllm`` in a child process (``model_dir`` None: the built-in model); yields (base URL, Popen) once /health/ready is 200."""
+def _start(model_dir: Path | None, profile: Path, extra: tuple[str, ...], ready_timeout: float):
+    """Start the server on a free port and wait until it is ready: (base URL, Popen, log file), or None when
+    the port was taken between ``free_port`` and the server's bind (vLLM's engine core opens sockets of its
+    own on ports the system hands out, and may get that one first)."""
     port = free_port()
-    log = open(Path(profile).with_suffix(f".{port}.log"), "w")  # noqa: SIM115 - closed below
+    log = open(Path(profile).with_suffix(f".{port}.log"), "w")  # noqa: SIM115 - the caller closes it
     cmd = [sys.executable, "-m", "mcr_exit", "serve", "--engine", "vllm", "--enforce-eager", "--dtype", "float32",
            "--max-model-len", "4096", *(["--model", str(model_dir)] if model_dir else []), "--profile", str(profile), "--port", str(port),
            "--max-input-tokens", "256", "--max-new-tokens", "3000", *extra]
     proc = subprocess.Popen(cmd, env=vllm_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    while True:
+        if proc.poll() is not None:
+            log.close()
+            if "address already in use" in Path(log.name).read_text():
+                return None
+            raise RuntimeError(f"the server exited with {proc.returncode}; see {log.name}")
+        try:
+            if get_json(base + "/health/ready", timeout=5)["status"] == "ready":
+                return base, proc, log
+        except OSError:
+            pass
+        if time.monotonic() - t0 > ready_timeout:
+            _stop(proc)
+            log.close()
+            raise RuntimeError(f"the server was not ready after {ready_timeout:g} s; see {log.name}")
+        time.sleep(1)
+
+
+def _stop(proc) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@contextmanager
+def vllm_server(model_dir: Path | None, profile: Path, *extra: str, ready_timeout: float = 600):
+    """``mcr-exit serve --engine vllm`` in a child process (``model_dir`` None: the built-in model); yields (base URL, Popen) once /health/ready is 200."""
+    for _ in range(3):
+        started = _start(model_dir, profile, extra, ready_timeout)
+        if started is not None:
+            break
+    else:
+        raise RuntimeError("three free ports were taken before the server could bind them")
+    base, proc, log = started
     try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}; see {log.name}")
-            try:
-                if get_json(base + "/health/ready", timeout=5)["status"] == "ready":
-                    break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > ready_timeout:
-                raise RuntimeError(f"the server was not ready after {ready_timeout:g} s; see {log.name}")
-            time.sleep(1)
         yield base, proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        _stop(proc)
         log.close()
 
 
