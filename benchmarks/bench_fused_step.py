@@ -68,6 +68,57 @@ def _inputs(total: int, each: int, vocab: int, gen: torch.Generator) -> list[lis
     return out
 
 
+def _kernels(fn, repeats: int) -> dict[str, float]:
+    """Device microseconds per call of ``fn``, by kernel name (torch.profiler; kernels of graph replays too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(repeats):
+            fn()
+        _sync()
+    out: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            out[ev.name] = out.get(ev.name, 0.0) + ev.device_time / repeats
+    return out
+
+
+def kernel_table(decode, fused, E: int, repeats: int) -> list[str]:
+    """Where the fused step's extra device time goes: per kernel name, decode step against fused step."""
+    a, b = _kernels(decode, repeats), _kernels(fused, repeats)
+    names = sorted(set(a) | set(b), key=lambda n: -(b.get(n, 0.0) - a.get(n, 0.0)))
+    lines = ["", f"Kernels of one step (device us, means of {repeats} replays): the plain decode step against the "
+                 f"fused step carrying E = {E} tokens, by the fused step's extra; total "
+                 f"{sum(a.values()):.0f} us against {sum(b.values()):.0f} us.", "",
+             "| kernel | decode, us | fused, us | extra, us |", "| --- | ---: | ---: | ---: |"]
+    for n in names[:25]:
+        short = n if len(n) <= 90 else n[:87] + "..."
+        lines.append(f"| `{short}` | {a.get(n, 0.0):.1f} | {b.get(n, 0.0):.1f} | {b.get(n, 0.0) - a.get(n, 0.0):.1f} |")
+    return lines
+
+
+def gemm_table(cfg, batch: int, rows: list[int], device: str, dtype, repeats: int, cuda: bool) -> list[str]:
+    """One block's matrix products (q, k, v, o, gate, up, down; weights as the model's) timed alone by rows M:
+    whether more rows in the same products cost the GPU anything."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)]
+    ws = [torch.randn(n, k, device=device, dtype=dtype) for k, n in shapes]
+    lines = ["", f"One block's seven matrix products alone, by rows M (weights {sum(w.numel() * w.element_size() for w in ws) / 1e6:.0f} "
+                 f"MB in {dtype}; medians of {repeats}): {batch} rows are the decode rows.", "",
+             "| rows M | us | extra over M = " + str(batch) + ", us per row |", "| ---: | ---: | ---: |"]
+    base = None
+    for m in [batch] + [r for r in rows if r != batch]:
+        xs = {k: torch.randn(m, k, device=device, dtype=dtype) for k in {k for k, _ in shapes}}
+        us = 1e3 * _time_ms(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in ws], repeats, cuda)
+        base = us if base is None else base
+        lines.append(f"| {m} | {us:.1f} | {(us - base) / max(1, m - batch):.2f} |")
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="llama-3-8b", help="Random weights of this shape (serving_models.py).")
@@ -80,6 +131,9 @@ def main() -> None:
     p.add_argument("--tokens", default="64,128,192,256,384,512,768,1024", help="Carried tokens E to time.")
     p.add_argument("--input-tokens", type=int, default=150, help="Tokens of each carried input.")
     p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--profile", type=int, default=None, metavar="E",
+                   help="Also profile the kernels of the plain decode step and of the fused step carrying E tokens "
+                        "(torch.profiler over graph replays), and time the block's matrix products by rows.")
     p.add_argument("--output", default=None, help="Also write the report (markdown) here.")
     args = p.parse_args()
     cuda = torch.device(args.device).type == "cuda"  # on a CPU the steps run eagerly (a smoke test)
@@ -105,7 +159,7 @@ def main() -> None:
     fused.buckets = tokens  # time exactly these E
     gen = torch.Generator().manual_seed(0)
     vocab = engine.vocab_size
-    rows = []
+    rows, profile = [], []
     try:
         with torch.inference_mode():
             slots = [st.pool.alloc() for _ in range(args.batch)]
@@ -129,6 +183,13 @@ def main() -> None:
                 alone_ms = _time_ms(lambda: hidden_at(st.adapter, ids, mask, k), max(5, args.repeats // 5), cuda)
                 rows.append((E, len(inputs), fused_ms, fused_ms - decode_ms, 1e3 * (fused_ms - decode_ms) / E,
                              alone_ms, 1e3 * alone_ms / E, capture_s))
+            if args.profile:
+                E = fused.bucket(args.profile)
+                got, _, _ = fused.load(_inputs(E, args.input_tokens, vocab, gen))
+                profile = kernel_table(lambda: st.step(args.batch, args.span),
+                                       lambda: fused.run(args.batch, args.span, E), E, args.repeats)
+                profile += gemm_table(loaded.model.config, args.batch, sorted({args.batch + e for e in tokens}),
+                                      args.device, st.dtype, args.repeats, cuda)
     finally:
         engine.stop()
 
@@ -153,7 +214,7 @@ def main() -> None:
     ]
     for E, n, f, extra, per, alone, alone_per, cap in rows:
         lines.append(f"| {E} | {n} | {f:.2f} | {extra:.2f} | {per:.1f} | {alone:.2f} | {alone_per:.1f} | {cap:.2f} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines + profile) + "\n"
     print(text)
     if args.output:
         Path(args.output).write_text(text)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import sys
@@ -34,7 +35,7 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
         f"{loaded.n_layers} blocks, embeddings from hidden {k}; weights {anchors['weight_bytes'] / 1e9:.2f} GB",
         f"- server: `benchmarks/serving_models.py serve` (create_app + run_server, as `mcr-exit serve`), a child "
         f"process ({uvicorn_stack()}); engine start-up {info['startup']}; driven over loopback by openai.AsyncOpenAI "
-        f"(embeddings base64; "
+        f"(embeddings base64; the throughput rows' embedding clients and the "
         f"streams from {args.client_procs} client processes, one event loop and client each)",
         f"- embeddings: {emb['sequences']} inputs of ~{n_inputs_tokens:.0f} tokens, "
         f"64 clients x 8 inputs per request; generation: prompts of {args.prompt_len} tokens, "
@@ -43,7 +44,8 @@ def report(args, loaded, k: int, anchors: dict, res: dict, info: dict, n_inputs_
         "| workload | mcr-exit server (HTTP) | engine in-process (no HTTP) | offline anchor, same device "
         "| server / anchor |",
         "| --- | ---: | ---: | ---: | ---: |",
-        f"| embeddings, 64 clients, seq/s | {emb['seq_s']:.0f} (p50 {emb['p50_s'] * 1e3:.0f} ms) | "
+        f"| embeddings, 64 clients, seq/s | {emb['seq_s']:.0f} (p50 {emb['p50_s'] * 1e3:.0f} ms; CPU: server "
+        f"{emb.get('server_cpu', math.nan):.0%}, client {emb.get('client_cpu', math.nan):.0%}) | "
         f"{eng.get('embed_seq_s', float('nan')):.0f} | truncated forward B=64 same inputs: {anchors['truncated_seq_s']:.0f} "
         f"(B=64 x 256 tokens: {anchors['truncated_seq_s_256']:.0f}) | {emb['seq_s'] / anchors['truncated_seq_s']:.0%} |",
         f"| same, the first pass ({first['sequences']} inputs, before the row above) | {first['seq_s']:.0f} "

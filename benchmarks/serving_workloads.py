@@ -172,6 +172,34 @@ def _streams_in_process(url: str, prompts: list[list[int]], max_tokens: int, sta
     return asyncio.run(main())
 
 
+def _embeds_in_process(url: str, inputs: list[list[int]], clients: int, per_request: int, rounds: int,
+                       offset: int, start_at: float) -> dict:
+    """One client process: ``clients`` closed-loop embedding clients on one event loop (``embed_throughput``),
+    from wall-clock time ``start_at``."""
+    import openai
+
+    async def main() -> dict:
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        latencies: list[float] = []
+        c0 = time.process_time()
+
+        async def one(c: int):
+            for r in range(rounds):
+                start = ((offset + c) * rounds + r) * per_request % max(1, len(inputs) - per_request)
+                t0 = time.perf_counter()
+                resp = await client.embeddings.create(model="m", input=inputs[start: start + per_request])
+                latencies.append(time.perf_counter() - t0)
+                assert len(resp.data) == per_request
+
+        await asyncio.gather(*(one(c) for c in range(clients)))
+        end = time.time()
+        await client.close()
+        return {"latencies": latencies, "end": end, "cpu_s": time.process_time() - c0}
+
+    return asyncio.run(main())
+
+
 class StreamClients:
     """Streams spread over ``procs`` client processes, each with its own event loop and AsyncOpenAI client."""
 
@@ -199,6 +227,24 @@ class StreamClients:
         wall = ends[-1] - start_at
         return {"tok_s": tokens / wall, "tokens": tokens, "ttft_p50_s": _pct(first, 0.5) if first else None,
                 "ttft_max_s": max(first) if first else None, "wall_s": wall, "start_at": start_at, "ends": ends,
+                "client_cpu": sum(o["cpu_s"] for o in outs) / wall, "client_procs": n_proc}
+
+
+    async def embed(self, inputs: list[list[int]], *, clients: int, per_request: int, rounds: int,
+                    start_in: float = 0.3) -> dict:
+        """``embed_throughput``'s closed-loop clients, spread over the client processes: sequences/s from the
+        common start to the last response, the latency percentiles, and the clients' CPU use."""
+        loop = asyncio.get_running_loop()
+        n_proc = min(self.procs, clients)
+        start_at = time.time() + start_in
+        share = [clients // n_proc + (i < clients % n_proc) for i in range(n_proc)]
+        outs = await asyncio.gather(*(
+            loop.run_in_executor(self.pool, _embeds_in_process, self.url, inputs, share[i], per_request, rounds,
+                                 sum(share[:i]), start_at) for i in range(n_proc)))
+        wall = max(o["end"] for o in outs) - start_at
+        lat = [x for o in outs for x in o["latencies"]]
+        n = clients * rounds * per_request
+        return {"seq_s": n / wall, "p50_s": _pct(lat, 0.5), "p99_s": _pct(lat, 0.99), "sequences": n,
                 "client_cpu": sum(o["cpu_s"] for o in outs) / wall, "client_procs": n_proc}
 
 

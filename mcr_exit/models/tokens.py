@@ -6,10 +6,12 @@ token's causal context, so batched results equal unbatched ones.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mcr_exit.errors import ConfigError, DataError
@@ -110,13 +112,11 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 
 def collate(batch: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask), each (B, T)."""
-    T = max(len(x) for x in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for b, x in enumerate(batch):
-        ids[b, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[b, : len(x)] = 1
-    return to_device(ids, device), to_device(mask, device)
+    lengths = np.fromiter((len(x) for x in batch), dtype=np.int64, count=len(batch))
+    valid = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
+    ids = np.full(valid.shape, pad_id, dtype=np.int64)
+    ids[valid] = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
+    return to_device(torch.from_numpy(ids), device), to_device(torch.from_numpy(valid.astype(np.int64)), device)
 
 
 def length_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:

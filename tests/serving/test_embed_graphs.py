@@ -71,6 +71,30 @@ def test_buckets_are_bounded_and_the_least_recently_used_goes(tiny4, monkeypatch
     assert out.shape == (2, 3, tiny4.model.config.hidden_size)
 
 
+def test_buckets_are_bounded_by_the_bytes_their_outputs_hold(tiny4, monkeypatch):
+    engine = Engine(tiny4, None, EngineConfig(warmup=False), embedding_layer=2)
+    graphs = EmbedGraphs(engine.stepper, max_batch_tokens=4096, graphs=False)
+    d = tiny4.model.config.hidden_size
+    per_token = d * engine.stepper.dtype.itemsize + 16
+    monkeypatch.setattr(embed_graphs, "MAX_OUTPUT_BYTES", 8 * 64 * per_token + 16 * 32 * per_token)
+
+    def twice(rows, positions):
+        ids = torch.ones((rows, positions), dtype=torch.long)
+        for _ in range(2):
+            graphs.hidden(ids, torch.ones_like(ids), 2)
+
+    twice(8, 64)
+    twice(16, 32)
+    assert list(graphs.entries) == [(8, 64, 2), (16, 32, 2)]
+    assert graphs.held_bytes == embed_graphs.MAX_OUTPUT_BYTES  # exactly full: both kept
+    twice(8, 32)  # one more byte than the budget leaves: the least recently used goes
+    assert list(graphs.entries) == [(16, 32, 2), (8, 32, 2)]
+    assert graphs.held_bytes == (16 * 32 + 8 * 32) * per_token
+    twice(32, 64)  # alone larger than the budget: kept alone
+    assert list(graphs.entries) == [(32, 64, 2)]
+    assert graphs.held_bytes == 32 * 64 * per_token
+
+
 def test_mode_only_on_a_gpu_and_by_size(tiny4, monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert embed_graphs.mode("on", tiny4.model, cpu) is None
