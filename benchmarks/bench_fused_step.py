@@ -94,7 +94,7 @@ def kernel_table(decode, fused, E: int, repeats: int) -> list[str]:
                  f"fused step carrying E = {E} tokens, by the fused step's extra; total "
                  f"{sum(a.values()):.0f} us against {sum(b.values()):.0f} us.", "",
              "| kernel | decode, us | fused, us | extra, us |", "| --- | ---: | ---: | ---: |"]
-    for n in names[:25]:
+    for n in names[:15]:
         short = n if len(n) <= 90 else n[:87] + "..."
         lines.append(f"| `{short}` | {a.get(n, 0.0):.1f} | {b.get(n, 0.0):.1f} | {b.get(n, 0.0) - a.get(n, 0.0):.1f} |")
     return lines
@@ -134,6 +134,9 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=None, metavar="E",
                    help="Also profile the kernels of the plain decode step and of the fused step carrying E tokens "
                         "(torch.profiler over graph replays), and time the block's matrix products by rows.")
+    p.add_argument("--fused-compile", default="shared",
+                   help="How the fused step's blocks run, one table each: shared (the decode steps' compiled modules, "
+                        "dynamic shapes), static (compiled for each step shape), eager; comma-separated.")
     p.add_argument("--output", default=None, help="Also write the report (markdown) here.")
     args = p.parse_args()
     cuda = torch.device(args.device).type == "cuda"  # on a CPU the steps run eagerly (a smoke test)
@@ -170,24 +173,32 @@ def main() -> None:
             ids, mask = collate(full, engine.pad_id, args.device)
             full_ms = _time_ms(lambda: hidden_at(st.adapter, ids, mask, k), max(5, args.repeats // 5), cuda)
             per_token_full = 1e3 * full_ms / (64 * args.input_tokens)
-            for E in tokens:
-                inputs = _inputs(E, args.input_tokens, vocab, gen)
-                got, _, _ = fused.load(inputs)
-                assert got == E, (got, E)
-                c0 = time.perf_counter()
-                fused.run(args.batch, args.span, E)  # captured here, untimed
-                _sync()
-                capture_s = time.perf_counter() - c0
-                fused_ms = _time_ms(lambda: fused.run(args.batch, args.span, E), args.repeats, cuda)
-                ids, mask = collate(inputs, engine.pad_id, args.device)
-                alone_ms = _time_ms(lambda: hidden_at(st.adapter, ids, mask, k), max(5, args.repeats // 5), cuda)
-                rows.append((E, len(inputs), fused_ms, fused_ms - decode_ms, 1e3 * (fused_ms - decode_ms) / E,
-                             alone_ms, 1e3 * alone_ms / E, capture_s))
+            alone = {}
+            for mode in args.fused_compile.split(","):
+                fused.compile = mode
+                fused.graphs.clear()  # captured again in this mode
+                for E in tokens:
+                    inputs = _inputs(E, args.input_tokens, vocab, gen)
+                    got, _, _ = fused.load(inputs)
+                    assert got == E, (got, E)
+                    c0 = time.perf_counter()
+                    fused.run(args.batch, args.span, E)  # captured here (and compiled, "static"), untimed
+                    _sync()
+                    capture_s = time.perf_counter() - c0
+                    fused_ms = _time_ms(lambda: fused.run(args.batch, args.span, E), args.repeats, cuda)
+                    if E not in alone:
+                        ids, mask = collate(inputs, engine.pad_id, args.device)
+                        alone[E] = _time_ms(lambda: hidden_at(st.adapter, ids, mask, k), max(5, args.repeats // 5),
+                                            cuda)
+                    rows.append((mode, E, len(inputs), fused_ms, fused_ms - decode_ms,
+                                 1e3 * (fused_ms - decode_ms) / E, alone[E], 1e3 * alone[E] / E, capture_s))
+                if args.profile:
+                    E = fused.bucket(args.profile)
+                    got, _, _ = fused.load(_inputs(E, args.input_tokens, vocab, gen))
+                    profile += [f"", f"Blocks of the fused step: {mode}."]
+                    profile += kernel_table(lambda: st.step(args.batch, args.span),
+                                            lambda: fused.run(args.batch, args.span, E), E, args.repeats)
             if args.profile:
-                E = fused.bucket(args.profile)
-                got, _, _ = fused.load(_inputs(E, args.input_tokens, vocab, gen))
-                profile = kernel_table(lambda: st.step(args.batch, args.span),
-                                       lambda: fused.run(args.batch, args.span, E), E, args.repeats)
                 profile += gemm_table(loaded.model.config, args.batch, sorted({args.batch + e for e in tokens}),
                                       args.device, st.dtype, args.repeats, cuda)
     finally:
@@ -208,12 +219,13 @@ def main() -> None:
         f"Plain decode step: **{decode_ms:.2f} ms**. Truncated forward of 64 inputs x {args.input_tokens} tokens "
         f"on its own: {full_ms:.1f} ms, {per_token_full:.1f} us per token.",
         "",
-        "| carried tokens E | inputs | fused step, ms | extra over decode, ms | extra per token, us "
-        "| same inputs alone (eager), ms | alone per token, us | first capture, s |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| fused step's blocks | carried tokens E | inputs | fused step, ms | extra over decode, ms "
+        "| extra per token, us | same inputs alone (eager), ms | alone per token, us | first capture, s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for E, n, f, extra, per, alone, alone_per, cap in rows:
-        lines.append(f"| {E} | {n} | {f:.2f} | {extra:.2f} | {per:.1f} | {alone:.2f} | {alone_per:.1f} | {cap:.2f} |")
+    for mode, E, n, f, extra, per, alone_ms, alone_per, cap in rows:
+        lines.append(f"| {mode} | {E} | {n} | {f:.2f} | {extra:.2f} | {per:.1f} | {alone_ms:.2f} | {alone_per:.1f} "
+                     f"| {cap:.2f} |")
     text = "\n".join(lines + profile) + "\n"
     print(text)
     if args.output:

@@ -158,6 +158,10 @@ class FusedStep:
         self.decode_masks: dict = {}
         self.embed_masks: dict = {}
         self._kept: torch.Tensor | None = None
+        # how the blocks run: "shared" (the decode steps' compiled modules, dynamic shapes), "static" (compiled
+        # again for each step shape) or "eager"
+        self.compile = "shared"
+        self._static: list | None = None
 
     def fits(self, n_tokens: int) -> bool:
         return n_tokens <= self.max_tokens
@@ -241,7 +245,11 @@ class FusedStep:
         cfg = st.model.config
         old_impl = cfg._attn_implementation
         _running, self._kept = self, None
-        with st._compiled_modules():
+        if self.compile == "static" and self._static is None and st.compiled:
+            self._static = st.compile_static()
+        modules = (nullcontext() if self.compile == "eager" else
+                   st._compiled_modules(self._static if self.compile == "static" else None))
+        with modules:
             compiled = [blk._compiled_call_impl for blk in blocks]
             try:
                 for i, blk in enumerate(blocks):

@@ -166,16 +166,23 @@ class ModelStepper:
         mods += [m for m in self.backbone.children() if "Rotary" in type(m).__name__]
         self.compiled = [(m, torch.compile(m._call_impl, dynamic=True)) for m in mods]
 
+    def compile_static(self) -> list[tuple[torch.nn.Module, object]]:
+        """The modules of ``enable_compile`` compiled again for static shapes: each new input shape compiles
+        anew (at warm-up, not while serving), and its kernels index tensors with constant strides."""
+        return [(m, torch.compile(m._call_impl, dynamic=False)) for m, _ in self.compiled]
+
     @contextmanager
-    def _compiled_modules(self):
-        if not self.compiled:
+    def _compiled_modules(self, compiled: list | None = None):
+        """Run the modules through ``compiled`` (``enable_compile``'s by default) while inside."""
+        compiled = self.compiled if compiled is None else compiled
+        if not compiled:
             yield
             return
         import torch._dynamo
         import torch.fx.experimental._config as fx_config
 
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        for mod, fn in self.compiled:
+        for mod, fn in compiled:
             mod._compiled_call_impl = fn
         # the KV write indexes the pool with the step's span: keep it out of the compiled graphs
         self.cache.update = torch.compiler.disable(SlotCache.update.__get__(self.cache))
@@ -185,7 +192,7 @@ class ModelStepper:
                     fx_config.patch(use_duck_shape=False):
                 yield
         finally:
-            for mod, _ in self.compiled:
+            for mod, _ in compiled:
                 mod._compiled_call_impl = None
             del self.cache.update
 
