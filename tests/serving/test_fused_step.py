@@ -311,3 +311,31 @@ def test_a_step_takes_its_inputs_from_the_front_whatever_the_queue_holds():
     assert len(seen) < 40  # the 10,000 inputs behind were not all looked at
     assert list(pieces)[:3] == [(other, 0), (a, 2), (b, 0)]  # what was passed over keeps its place
     assert len(pieces) == 1 + 1 + 10_000
+
+
+def test_the_blocks_run_eagerly_or_compiled_for_static_shapes_give_the_same_step(tokenizer):
+    """``FusedStep.compile`` (what ``bench_fused_step.py --fused-compile`` times): the blocks eagerly, or compiled
+    again for each step shape, give the step of the shared compiled modules; each mode switches off after it."""
+    torch._dynamo.reset()
+    loaded, engine = _engine(tokenizer, "llama", n_layers=3, fuse_embeddings="on")
+    engine._build_pool()
+    st = engine.stepper
+    fused = FusedStep(st, layer=2, max_tokens=64, graphs=False)
+
+    def one(mode):
+        fused.compile = mode
+        with torch.inference_mode():
+            st.prefill(PROMPTS, [0, 1, 2])
+            st.feed([0, 1, 2], torch.tensor([3, 4, 5]), [len(p) for p in PROMPTS])
+            E, index, mask = fused.load(INPUTS[:2])
+            logits, packed = fused.run(3, 16, E)
+            return logits.clone(), (packed[index] * mask[..., None]).clone()
+
+    eager = one("eager")
+    st.enable_compile()
+    for mode in ("shared", "static"):
+        logits, hidden = one(mode)
+        torch.testing.assert_close(logits, eager[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hidden, eager[1], rtol=1e-4, atol=1e-4)
+        assert all(m._compiled_call_impl is None for m, _ in st.compiled)
+    assert fused._static is not None and fused._static is not st.compiled
