@@ -168,7 +168,8 @@ class ModelStepper:
 
     def compile_static(self) -> list[tuple[torch.nn.Module, object]]:
         """The modules of ``enable_compile`` compiled again for static shapes: each new input shape compiles
-        anew (at warm-up, not while serving), and its kernels index tensors with constant strides."""
+        anew (seconds each), and its kernels index tensors with constant strides (``bench_fused_step.py``
+        times fused steps through them; the server does not use them)."""
         return [(m, torch.compile(m._call_impl, dynamic=False)) for m, _ in self.compiled]
 
     @contextmanager
