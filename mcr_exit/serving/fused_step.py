@@ -274,11 +274,7 @@ class FusedStep:
         if not self.use_graphs:
             with lock if lock is not None else nullcontext():
                 return self.forward(B, span, E)
-        # compiled for static shapes, a step always runs the largest batch bucket: rows past the running ones
-        # compute garbage into their own idle slots (as a graph's bucket padding does), and the step shapes
-        # are only that bucket's, all compiled at warm-up
-        Bb = st.batch_buckets[-1] if self.compile == "static" else st._bucket(B, st.batch_buckets)
-        sb = st._bucket(span, st.span_buckets)
+        Bb, sb = st._bucket(B, st.batch_buckets), st._bucket(span, st.span_buckets)
         graph, (logits, hidden) = self._graph((Bb, sb, E), lock)
         graph.replay()
         return logits[:B], hidden
