@@ -22,20 +22,28 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-async def embed_throughput(client, inputs: list[list[int]], *, clients: int, per_request: int, rounds: int) -> dict:
-    """``clients`` closed-loop clients, each sending ``rounds`` requests of ``per_request`` inputs."""
+async def _closed_loop(client, inputs: list[list[int]], *, clients: int, per_request: int, rounds: int,
+                       offset: int = 0) -> list[float]:
+    """``clients`` closed-loop clients (numbered from ``offset``), each sending ``rounds`` requests of
+    ``per_request`` inputs; the latency of every request."""
     latencies: list[float] = []
 
     async def one(c: int):
         for r in range(rounds):
-            start = (c * rounds + r) * per_request % max(1, len(inputs) - per_request)
+            start = ((offset + c) * rounds + r) * per_request % max(1, len(inputs) - per_request)
             t0 = time.perf_counter()
             resp = await client.embeddings.create(model="m", input=inputs[start: start + per_request])
             latencies.append(time.perf_counter() - t0)
             assert len(resp.data) == per_request
 
-    t0 = time.perf_counter()
     await asyncio.gather(*(one(c) for c in range(clients)))
+    return latencies
+
+
+async def embed_throughput(client, inputs: list[list[int]], *, clients: int, per_request: int, rounds: int) -> dict:
+    """``clients`` closed-loop clients, each sending ``rounds`` requests of ``per_request`` inputs."""
+    t0 = time.perf_counter()
+    latencies = await _closed_loop(client, inputs, clients=clients, per_request=per_request, rounds=rounds)
     wall = time.perf_counter() - t0
     n = clients * rounds * per_request
     return {"seq_s": n / wall, "p50_s": _pct(latencies, 0.5), "p99_s": _pct(latencies, 0.99), "sequences": n}
@@ -174,25 +182,16 @@ def _streams_in_process(url: str, prompts: list[list[int]], max_tokens: int, sta
 
 def _embeds_in_process(url: str, inputs: list[list[int]], clients: int, per_request: int, rounds: int,
                        offset: int, start_at: float) -> dict:
-    """One client process: ``clients`` closed-loop embedding clients on one event loop (``embed_throughput``),
+    """One client process: ``clients`` closed-loop embedding clients on one event loop (``_closed_loop``),
     from wall-clock time ``start_at``."""
     import openai
 
     async def main() -> dict:
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        latencies: list[float] = []
         c0 = time.process_time()
-
-        async def one(c: int):
-            for r in range(rounds):
-                start = ((offset + c) * rounds + r) * per_request % max(1, len(inputs) - per_request)
-                t0 = time.perf_counter()
-                resp = await client.embeddings.create(model="m", input=inputs[start: start + per_request])
-                latencies.append(time.perf_counter() - t0)
-                assert len(resp.data) == per_request
-
-        await asyncio.gather(*(one(c) for c in range(clients)))
+        latencies = await _closed_loop(client, inputs, clients=clients, per_request=per_request, rounds=rounds,
+                                       offset=offset)
         end = time.time()
         await client.close()
         return {"latencies": latencies, "end": end, "cpu_s": time.process_time() - c0}
