@@ -21,15 +21,22 @@ set back, so an edit in place that restores the mtime is still seen). Each entry
 temporary folder and renamed into place, so a reader sees a whole entry or none; a concurrent writer of
 the same entry loses the rename and keeps its own copy in memory. An entry that fails to load is removed
 and converted again. Delete the folder to reclaim the space (about the float size of each model and dtype).
+
+The cache never fails a load. An entry that would not fit in the free space of the cache's disk (with
+``FREE_MARGIN`` to spare) is not written, and a write that fails all the same (a full disk, a read-only
+folder) leaves no partial entry behind; either way the load goes on with the converted model in memory,
+and a warning says why the next load converts again.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -40,6 +47,7 @@ from mcr_exit.cache_dir import cache_root, entry_key, file_identity, file_sha256
 from mcr_exit.timing import stage
 
 _PATCHING = threading.Lock()
+FREE_MARGIN = 256 * 2**20  # bytes left free on the cache's disk after an entry is written
 
 
 @contextmanager
@@ -175,21 +183,42 @@ def _write_entry(target: Path, fill) -> None:
         raise
 
 
-def _save(entry: Path, dtype_dir: Path, tokenizer, lm, source: dict) -> None:
+def _check_space(folder: Path, need: int) -> None:
+    """Raise ENOSPC when ``need`` bytes (plus ``FREE_MARGIN``) do not fit on ``folder``'s disk."""
+    free = shutil.disk_usage(folder).free
+    if free < need + FREE_MARGIN:
+        raise OSError(errno.ENOSPC, f"the converted weights need {need / 2**30:.2f} GiB and "
+                                    f"{free / 2**30:.2f} GiB are free on the disk of {folder}")
+
+
+def _save_safetensors(tensors: dict, file: Path) -> None:
+    """safetensors' ``save_file``, its I/O failures (a full disk) raised as ``OSError`` like any other."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    try:
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = errno.ENOSPC if "No space left" in str(exc) else errno.EIO
+        raise OSError(code, f"{exc} ({file})") from exc
+
+
+def _save(entry: Path, dtype_dir: Path, tokenizer, lm, source: dict) -> None:
     if not (entry / "tokenizer").is_dir():
         _write_entry(entry / "tokenizer", lambda d: tokenizer.save_pretrained(d))
+    if dtype_dir.is_dir():
+        return
+    tensors = _unique_state_dict(lm)
+    _check_space(entry, sum(t.numel() * t.element_size() for t in tensors.values()))
 
     def fill(folder: Path) -> None:
         config = lm.config.to_dict()
         config.pop("quantization_config", None)  # a plain float checkpoint now
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(_unique_state_dict(lm), str(folder / "model.safetensors"), metadata={"format": "pt"})
+        _save_safetensors(tensors, folder / "model.safetensors")
         (folder / "source.json").write_text(json.dumps(source, indent=2) + "\n")
 
-    if not dtype_dir.is_dir():
-        _write_entry(dtype_dir, fill)
+    _write_entry(dtype_dir, fill)
 
 
 def _import_model_module(dtype_dir: Path) -> None:
@@ -250,8 +279,11 @@ def load_gguf(path: Path, *, model_kwargs: dict) -> tuple[object, torch.nn.Modul
     with stage("load_model.cache_write"):
         try:
             _save(entry, dtype_dir, tokenizer, lm, source)
-        except OSError:
-            return tokenizer, lm  # read-only or full disk: this load still works, uncached
+        except OSError as exc:  # read-only or full disk: this load still works, uncached
+            detail = exc.strerror or str(exc)
+            warnings.warn(f"the conversion of {path.name} was not cached ({detail}); the next load converts "
+                          f"it again", RuntimeWarning, stacklevel=2)
+            return tokenizer, lm
     if "device_map" in model_kwargs:
         del lm
         return _load_entry(entry, dtype_dir, model_kwargs)

@@ -167,7 +167,10 @@ def _load_model(model: str | None, *, revision: str | None, dtype: str, device: 
             with stage("load_model.build"):
                 lm = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one line for the user
-        what = "corrupt GGUF file" if source == "gguf" else f"cannot load model '{model}'"
+        if source != "gguf":
+            what = f"cannot load model '{model}'"
+        else:  # the file's bytes, or the machine (memory, disk) that reads them
+            what = "cannot load GGUF file" if isinstance(exc, (OSError, MemoryError)) else "corrupt GGUF file"
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{what} {location if source == 'gguf' else ''}: {detail}".replace("  ", " ")) from exc
     if device not in ("auto", "cpu"):

@@ -144,8 +144,60 @@ def test_a_cache_that_cannot_be_written_does_not_fail_a_load(tmp_path, monkeypat
     monkeypatch.setenv("MCR_EXIT_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + b"\0" * 64)
-    tok, model = convert_cache.load_gguf(f, model_kwargs={"dtype": torch.float32})
+    with pytest.warns(RuntimeWarning, match=r"not cached \(read-only file system\)"):
+        tok, model = convert_cache.load_gguf(f, model_kwargs={"dtype": torch.float32})
     assert tok == "tokenizer" and isinstance(model, torch.nn.Linear) and calls == [f]
+
+
+def _converting_to(monkeypatch, tmp_path, model, tokenizer):
+    """load_gguf's conversion replaced by ``model``/``tokenizer``; the cache in ``tmp_path``/cache."""
+    monkeypatch.setattr(convert_cache, "_convert", lambda path, kwargs, tokenizer_dir=None: (tokenizer, model))
+    monkeypatch.setattr(convert_cache, "entry_key", lambda sha: f"{sha[:8]}-test")
+    monkeypatch.setenv("MCR_EXIT_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 64)
+    return f, tmp_path / "cache" / "gguf"
+
+
+def test_a_full_disk_costs_the_cache_entry_not_the_load(tmp_path, monkeypatch, tiny_models, tokenizer):
+    """safetensors reports a full disk as its own error type, not as OSError: the load still returns the
+    model, the half-written entry is removed, and a warning says the next load converts again."""
+    from safetensors import SafetensorError
+
+    model = tiny_models["llama"]
+    f, root = _converting_to(monkeypatch, tmp_path, model, tokenizer)
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as out:
+            out.write(b"\0" * 100)  # a partial file, as a full disk leaves it
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    with pytest.warns(RuntimeWarning, match=r"m\.gguf was not cached .*No space left on device"):
+        tok, lm = convert_cache.load_gguf(f, model_kwargs={"dtype": torch.float32})
+    assert tok is tokenizer and lm is model
+    (entry,) = [p for p in root.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in entry.iterdir()) == ["tokenizer"]  # no float32/ and no .float32.tmp-*
+
+
+def test_an_entry_larger_than_the_free_space_is_not_written(tmp_path, monkeypatch, tiny_models, tokenizer):
+    import shutil
+
+    model = tiny_models["llama"]
+    f, root = _converting_to(monkeypatch, tmp_path, model, tokenizer)
+    size = sum(t.numel() * t.element_size() for t in convert_cache._unique_state_dict(model).values())
+    writes = []
+    monkeypatch.setattr("safetensors.torch.save_file", lambda *a, **k: writes.append(a))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(convert_cache.shutil, "disk_usage",
+                        lambda p: usage._replace(free=size + convert_cache.FREE_MARGIN - 1))
+    with pytest.warns(RuntimeWarning, match=r"need 0\.\d\d GiB and 0\.\d\d GiB are free"):
+        _, lm = convert_cache.load_gguf(f, model_kwargs={"dtype": torch.float32})
+    assert lm is model and writes == []
+    monkeypatch.setattr(convert_cache.shutil, "disk_usage",
+                        lambda p: usage._replace(free=size + convert_cache.FREE_MARGIN))
+    convert_cache.load_gguf(f, model_kwargs={"dtype": torch.float32})
+    assert len(writes) == 1  # just enough room: written
 
 
 def test_without_a_cache_the_gguf_loads_as_transformers_loads_it(tmp_path, monkeypatch):

@@ -114,6 +114,15 @@ def test_loading_errors(tmp_path):
     truncated.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 16)
     with pytest.raises(ModelLoadError, match="corrupt GGUF"):
         load_model(str(truncated))
+    import mcr_exit.models.loading as loading
+
+    def no_memory(path, model_kwargs):
+        raise MemoryError("cannot allocate 2147483648 bytes")
+
+    with pytest.MonkeyPatch.context() as mp:  # the machine failing, not the file: not called corrupt
+        mp.setattr(loading, "load_gguf", no_memory)
+        with pytest.raises(ModelLoadError, match=r"^cannot load GGUF file .*trunc\.gguf: cannot allocate"):
+            load_model(str(truncated))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="not available"):
             load_model(str(tmp_path / "nope"), device="cuda")
