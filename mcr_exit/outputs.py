@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from mcr_exit.errors import ConfigError
+from mcr_exit.errors import ConfigError, OutputError, refused_write
 from mcr_exit.owner import current_owner, owner_is_dead
 from mcr_exit.signals import sigterm_raises
 
@@ -135,6 +135,17 @@ def _replace(staging: Path, out_dir: Path) -> None:
 
 
 @contextmanager
+def _refused_as_output_error(out_dir: Path) -> Iterator[None]:
+    """A write the machine refuses (a full disk, a read-only folder) as one line for the user."""
+    try:
+        yield
+    except OSError as exc:
+        if refused_write(exc):
+            raise OutputError(f"cannot write the outputs to {out_dir}: {exc.strerror}") from exc
+        raise
+
+
+@contextmanager
 def staged_output_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield a hidden sibling folder to write into; on success it replaces ``out_dir``, on error it vanishes.
 
@@ -143,18 +154,22 @@ def staged_output_dir(out_dir: str | Path) -> Iterator[Path]:
     ``out_dir``'s place, with the marker listing what was written.
     """
     out_dir = check_output_dir(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale_stages(out_dir.parent)
+    with _refused_as_output_error(out_dir):
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale_stages(out_dir.parent)
     with sigterm_raises():  # SIGTERM: the finally below still runs
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_STAGE}", dir=out_dir.parent))
+        with _refused_as_output_error(out_dir):
+            staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_STAGE}", dir=out_dir.parent))
         try:
-            _claim(staging)
-            yield staging
-            (staging / STAGE_FILE).unlink()
-            written = sorted(_entries(staging))
-            (staging / MARKER).write_text(json.dumps({"written_by": "mcr-exit", "files": written}, indent=1) + "\n")
-            staging.chmod(folder_mode())
-            _replace(staging, out_dir)
+            with _refused_as_output_error(out_dir):  # the work's own writes, then the marker and the rename
+                _claim(staging)
+                yield staging
+                (staging / STAGE_FILE).unlink()
+                written = sorted(_entries(staging))
+                (staging / MARKER).write_text(json.dumps({"written_by": "mcr-exit", "files": written},
+                                                         indent=1) + "\n")
+                staging.chmod(folder_mode())
+                _replace(staging, out_dir)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

@@ -29,10 +29,35 @@ def owner_tags() -> dict[str, str]:
     return {tag: owner[key] for key, tag in OWNER_TAGS.items() if owner[key]}
 
 
+def _check_sqlite_path(uri: str) -> None:
+    """A ``sqlite:///`` store's database must be a file, or a name in a folder that exists or can be
+    made: a file where a folder must go is found here, not as a traceback from inside MLflow."""
+    import os
+    from pathlib import Path
+
+    name = uri.split(":///", 1)[1].split("?", 1)[0] if ":///" in uri else ""
+    if not name or name == ":memory:":
+        return
+    db = Path(name)
+    if db.is_dir():
+        raise ConfigError(f"MLflow tracking URI {uri}: {db} is a folder, not a database file")
+    folder = db.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"MLflow tracking URI {uri}: {folder} is a file, so the database cannot be made under it")
+    if not os.access(folder if not db.exists() else db, os.W_OK):
+        raise ConfigError(f"MLflow tracking URI {uri}: {db if db.exists() else folder} is not writable")
+
+
 def check_tracking_server(uri: str) -> None:
     """For an http(s) tracking URI, one-line ConfigError unless its host accepts a connection (2 tries,
-    3 s each): a dead server is found in seconds, before a model is loaded, not after minutes of retries."""
+    3 s each): a dead server is found in seconds, before a model is loaded, not after minutes of retries.
+    For a ``sqlite:///`` URI, the same for a database that cannot be made or written (``_check_sqlite_path``)."""
     parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        _check_sqlite_path(uri)
+        return
     if parsed.scheme not in ("http", "https"):
         return
     host = parsed.hostname

@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from urllib.parse import urlparse
 
-from mcr_exit.errors import ConfigError, DataError, McrExitError
+from mcr_exit.errors import ConfigError, DataError, McrExitError, environment_detail
 from mcr_exit.run_state import check_tracking_server, owner_tags, repair_dead_runs
 
 DEFAULT_EXPERIMENT = "mcr-exit"
@@ -38,7 +38,21 @@ def _mlflow():
         import mlflow
     except ImportError as exc:
         raise McrExitError("mlflow is not installed: pip install mlflow") from exc
+    _quiet_store_tracebacks()
     return mlflow
+
+
+def _drop_store_traceback(record) -> bool:
+    """False for the record MLflow's SQL store logs (with a traceback) before it raises a database error:
+    the error reaches the command, which reports it in one line."""
+    return not (record.levelno >= 40 and str(record.msg).startswith("SQLAlchemy database error"))
+
+
+@functools.cache
+def _quiet_store_tracebacks() -> None:
+    import logging
+
+    logging.getLogger("mlflow.store.db.utils").addFilter(_drop_store_traceback)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -192,28 +206,55 @@ def tracked_run(
     mlflow = _mlflow()
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_server(uri)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    exp_id = _ensure_experiment(client, experiment, uri)
     run_tags_ = dict(tags or {})
     run_tags_["mlflow.runName"] = run_name
     if parent_run_id:
         run_tags_["mlflow.parentRunId"] = parent_run_id
     run_tags_.update(owner_tags())
-    repair_dead_runs(client, [exp_id], strict=False)
     from mcr_exit.signals import Terminated, sigterm_raises
 
     with sigterm_raises():
-        run = client.create_run(exp_id, tags=run_tags_, run_name=run_name)
+        with _store_opening(uri):
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            exp_id = _ensure_experiment(client, experiment, uri)
+            repair_dead_runs(client, [exp_id], strict=False)
+            run = client.create_run(exp_id, tags=run_tags_, run_name=run_name)
         logger = RunLogger(client, run.info.run_id)
         try:
             yield logger
         except (KeyboardInterrupt, Terminated):
-            client.set_terminated(run.info.run_id, status="KILLED")
+            _end_run_after_error(client, run.info.run_id, "KILLED")
             raise
         except BaseException:
-            client.set_terminated(run.info.run_id, status="FAILED")
+            _end_run_after_error(client, run.info.run_id, "FAILED")
             raise
         client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+@contextmanager
+def _store_opening(uri: str) -> Iterator[None]:
+    """Opening the store (its database made or migrated, the experiment, the new run): a failure of the
+    machine (a full disk, an unwritable database) as one line that names the store."""
+    try:
+        yield
+    except McrExitError:
+        raise
+    except Exception as exc:
+        detail = environment_detail(exc)
+        if detail is None:
+            raise
+        raise ConfigError(f"cannot open the MLflow store {uri}: {detail}") from exc
+
+
+def _end_run_after_error(client, run_id: str, status: str) -> None:
+    """Mark the run ended after the work failed. A store that cannot take even this (the disk that failed
+    the work is full) leaves the run RUNNING, and the first error is the one reported: the next run of the
+    experiment, or ``mcr-exit runs --repair``, marks it KILLED once this process is gone."""
+    try:
+        client.set_terminated(run_id, status=status)
+    except Exception as exc:  # noqa: BLE001 - only a failure of the machine is swallowed
+        if environment_detail(exc) is None:
+            raise
 
 
 @contextmanager

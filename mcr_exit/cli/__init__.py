@@ -1,4 +1,6 @@
-"""The `mcr-exit` command line. Every McrExitError becomes one line on stderr and exit code 1."""
+"""The `mcr-exit` command line. Every McrExitError, and every failure of the machine rather than of the code
+(a full disk, a failing MLflow database: ``errors.environment_failure``), becomes one line on stderr and exit
+code 1."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import NoReturn
 import click
 
 from mcr_exit import __version__
-from mcr_exit.errors import McrExitError
+from mcr_exit.errors import McrExitError, environment_failure
 
 # (module, click command attribute): one line per command; heavy imports stay inside each command.
 COMMANDS = (
@@ -114,6 +116,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except McrExitError as exc:
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
+        except Exception as exc:  # a full disk or a failing database is the machine's fault: one line too
+            line = environment_failure(exc)
+            if line is None:
+                raise
+            raise click.ClickException(line) from exc
 
 
 @click.group(cls=_Group)

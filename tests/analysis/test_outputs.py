@@ -45,3 +45,21 @@ def test_a_failure_leaves_nothing(tmp_path):
             (staging / "half.txt").write_text("x")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    """The machine refusing a write is the user's to fix, not a bug: an OutputError naming the folder and
+    the reason (the CLI prints it as one line), and no staging folder left behind. Other errors pass."""
+    import errno
+
+    from mcr_exit.errors import OutputError
+
+    with pytest.raises(OutputError, match=rf"^cannot write the outputs to {tmp_path / 'out'}: No space left on device$"):
+        with staged_output_dir(tmp_path / "out") as staging:
+            (staging / "half.txt").write_text("x")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileNotFoundError):  # not the machine refusing: raised as it is
+        with staged_output_dir(tmp_path / "out"):
+            open(tmp_path / "missing.txt")
+    assert list(tmp_path.iterdir()) == []

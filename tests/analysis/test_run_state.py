@@ -107,3 +107,14 @@ def test_a_closed_port_fails_fast_and_a_listening_one_passes():
     with pytest.raises(ConfigError, match="port"):
         check_tracking_server("http://127.0.0.1:99999")
     check_tracking_server("sqlite:///x.db")  # not a server: nothing to check
+
+
+def test_a_sqlite_store_that_cannot_be_made_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(ConfigError, match="a-file is a file, so the database cannot be made under it"):
+        check_tracking_server(f"sqlite:///{tmp_path}/a-file/sub/mlflow.db")
+    with pytest.raises(ConfigError, match="a-folder is a folder, not a database file"):
+        check_tracking_server(f"sqlite:///{tmp_path}/a-folder")
+    check_tracking_server(f"sqlite:///{tmp_path}/new/sub/mlflow.db")  # folders MLflow will make: fine
+    check_tracking_server("sqlite:///:memory:")

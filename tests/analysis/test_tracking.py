@@ -82,3 +82,69 @@ def test_lens_run_opens_before_the_work_and_records_its_data(tiny_llama_dir, tmp
     (ds,) = run.inputs.dataset_inputs
     assert ds.dataset.name == "corpus" and ds.tags[0].value == "lens"
     assert client.get_experiment_by_name("t").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def _full_database():
+    """What MLflow's SQL store raises when its disk is full: its own exception, from SQLAlchemy's."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    cause = OperationalError("INSERT INTO metrics ...", {}, sqlite3.OperationalError("database or disk is full"))
+    try:
+        raise MlflowException("(sqlite3.OperationalError) database or disk is full") from cause
+    except MlflowException as exc:
+        return exc
+
+
+def test_a_failing_machine_is_told_apart_from_a_bug():
+    import errno
+    import os
+
+    from mcr_exit.errors import environment_failure
+
+    assert environment_failure(_full_database()) == ("the MLflow store's database failed: "
+                                                     "(sqlite3.OperationalError) database or disk is full")
+    assert environment_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) == "No space left on device"
+    assert environment_failure(OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/x")) == \
+        "Read-only file system: /ro/x"
+    assert environment_failure(FileNotFoundError(errno.ENOENT, "No such file")) is None
+    assert environment_failure(ValueError("a bug")) is None
+
+
+def test_a_store_that_fills_up_during_the_work_gives_one_line(tiny_llama_dir, tmp_path, uri, monkeypatch):
+    """The database fails while the analysis logs its metrics: one line, exit 1, the run FAILED (or left
+    RUNNING for the repair, where even that cannot be written), and no output folder."""
+    from mcr_exit.tracking import RunLogger
+
+    def full(self, rows):
+        raise _full_database()
+
+    monkeypatch.setattr(RunLogger, "log_series", full)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["analyze", "--model", str(tiny_llama_dir), "--max-prompts", "2",
+                                    "--tracking-uri", uri, "--experiment", "t", "--output-dir", str(out)])
+    lines = [ln for ln in res.output.strip().splitlines()  # less the progress bar and MLflow's INFO lines
+             if ln.strip() and "prompt/s" not in ln and " INFO mlflow" not in ln]
+    assert res.exit_code == 1 and lines == [
+        "Error: the MLflow store's database failed: (sqlite3.OperationalError) database or disk is full"], res.output
+    _, runs = _runs(uri)
+    assert [r.info.status for r in runs] == ["FAILED"] and not out.exists()
+
+
+def test_a_store_that_cannot_be_opened_names_itself(tmp_path, monkeypatch):
+    import mlflow
+
+    from mcr_exit.errors import ConfigError
+    from mcr_exit.tracking import tracked_run
+
+    def full(*args, **kwargs):
+        raise _full_database()
+
+    monkeypatch.setattr(mlflow.MlflowClient, "create_run", full)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(ConfigError, match=r"^cannot open the MLflow store sqlite:///.*mlflow\.db: "
+                                          r"\(sqlite3\.OperationalError\) database or disk is full$"):
+        with tracked_run(tracking_uri=uri, experiment="t", run_name="r"):
+            pass
