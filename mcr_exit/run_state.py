@@ -9,8 +9,10 @@ every new run of the experiment first marks KILLED the RUNNING runs whose owner 
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 from mcr_exit.errors import ConfigError
@@ -32,9 +34,6 @@ def owner_tags() -> dict[str, str]:
 def _check_sqlite_path(uri: str) -> None:
     """A ``sqlite:///`` store's database must be a file, or a name in a folder that exists or can be
     made: a file where a folder must go is found here, not as a traceback from inside MLflow."""
-    import os
-    from pathlib import Path
-
     name = uri.split(":///", 1)[1].split("?", 1)[0] if ":///" in uri else ""
     if not name or name == ":memory:":
         return
