@@ -30,6 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_fused_step import _time_ms  # noqa: E402
+from mcr_exit.models.cuda_graph import capture  # noqa: E402
+
 SHAPES = {  # name: (layers, KV heads, query heads per KV head, head dim)
     "llama-3-8b": (32, 8, 4, 128),
     "smollm2-135m": (30, 3, 3, 64),
@@ -37,25 +43,15 @@ SHAPES = {  # name: (layers, KV heads, query heads per KV head, head dim)
 
 
 def graph_ms(fn, n: int = 50) -> tuple[float, torch.Tensor]:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph (captured after two warm-up calls), and its output."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
             fn()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), out
+    graph, out = capture(fn, ())
+    return _time_ms(graph.replay, n, True), out
 
 
 def attention_rows(shape: str, batch: int, span: int, slot_len: int, dtype) -> list[str]:
